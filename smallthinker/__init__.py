@@ -1,0 +1,1 @@
+"""SmallThinker: sparse on-device language models (model, training, evaluation, offloaded inference)."""
