@@ -13,8 +13,10 @@ next row):
 
 Document masking: with `position_ids` that restart at 0, transformers' `masking_utils` builds a
 block-diagonal causal mask (per layer type, so sliding windows stay right) when the model is called
-with `attention_mask=None` and no cache (`use_cache=False`). `document_attention_mask` builds the same
-mask explicitly as a 4-D tensor for callers that need one.
+with `attention_mask=None` AND `use_cache=False` (with a cache, which the config's `use_cache=True`
+creates by default, transformers skips the packed-sequence detection and documents see each other).
+`document_attention_masks` builds the same masks explicitly, one [B, 1, S, S] boolean per layer
+type, for callers that cannot rely on that.
 """
 
 from __future__ import annotations
@@ -521,6 +523,20 @@ def document_attention_mask(position_ids: torch.Tensor, sliding_window: int | No
         causal_SS = causal_SS & (q_S1 - k_1S < sliding_window)
     same_doc_BSS = doc_BS.unsqueeze(2) == doc_BS.unsqueeze(1)
     return (same_doc_BSS & causal_SS).unsqueeze(1)
+
+
+def document_attention_masks(position_ids: torch.Tensor, config: Any) -> dict[str, torch.Tensor]:
+    """Per-layer-type document masks for `model(attention_mask=...)`: exact whatever `use_cache` is.
+
+    The model takes a dict keyed by `config.layer_types` entries as already-built masks; sliding layers
+    get `config.sliding_window` (the mask is [B, 1, S, S] booleans: B*S*S bytes per layer type).
+    """
+    window = getattr(config, "sliding_window", None)
+    masks: dict[str, torch.Tensor] = {}
+    for layer_type in dict.fromkeys(config.layer_types):
+        sliding = layer_type == "sliding_attention"
+        masks[layer_type] = document_attention_mask(position_ids, window if sliding else None)
+    return masks
 
 
 def _open_cursors(

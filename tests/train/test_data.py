@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from smallthinker.train.data import DataConfig, build_train_stream, document_attention_mask, pick_source
+from smallthinker.train.data import (
+    DataConfig,
+    build_train_stream,
+    document_attention_mask,
+    document_attention_masks,
+    pick_source,
+)
 from tests.train.fixtures_data import docs_to_rows, word_docs, word_id, word_tokenizer, write_jsonl
 
 EOS = 0
@@ -238,3 +244,26 @@ def test_document_attention_mask_is_block_diagonal_causal():
     assert torch.equal(mask, expected)
     windowed = document_attention_mask(pos, sliding_window=2)[0, 0]
     assert torch.equal(windowed, expected & ~torch.tensor([[i - j >= 2 for j in range(6)] for i in range(6)]))
+
+
+@pytest.mark.parametrize("preset", ["tiny-4b-style", "tiny-21b-style"])
+def test_packed_documents_do_not_attend_to_each_other(preset):
+    """Logits of a document packed after another == logits of it alone (sliding window included)."""
+    from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
+
+    torch.manual_seed(0)
+    cfg = load_model_config(preset)
+    model = SmallThinkerForCausalLM(cfg).eval()
+    first, second = torch.randint(1, cfg.vocab_size, (1, 40)), torch.randint(1, cfg.vocab_size, (1, 50))
+    ids = torch.cat([first, second], dim=1)
+    pos = torch.cat([torch.arange(40), torch.arange(50)])[None]  # what the stream emits
+    with torch.no_grad():
+        alone = model(second, use_cache=False).logits
+        by_positions = model(ids, position_ids=pos, use_cache=False).logits[:, 40:]
+        by_masks = model(ids, position_ids=pos, attention_mask=document_attention_masks(pos, cfg)).logits[
+            :, 40:
+        ]
+        leaky = model(ids, use_cache=False).logits[:, 40:]  # plain causal: the second document sees the first
+    torch.testing.assert_close(by_positions, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_masks, alone, rtol=1e-5, atol=1e-5)
+    assert (leaky - alone).abs().max() > 1e-2
