@@ -10,11 +10,14 @@ plain transformers can load our checkpoints with `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -341,19 +344,74 @@ class SmallThinkerPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, but a checkpoint with missing tensors is an error, not a silently
-        random-initialised model."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if info.get("missing_keys"):
-            missing = sorted(info["missing_keys"])
-            raise ValueError(
-                f"Checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!s} lacks "
-                f"{len(missing)} tensor(s) of {cls.__name__}: {missing[:20]}"
-                f"{' ...' if len(missing) > 20 else ''}. Check that it is a complete SmallThinker checkpoint."
-            )
-        return (model, info) if want_info else model
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a local checkpoint with missing or misshaped tensors is a
+        `ValueError` naming them, not a load report or a silently random-initialised model."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            pretrained_model_name_or_path
+        ):
+            config = kwargs.get("config")
+            if not isinstance(config, SmallThinkerConfig):
+                config = SmallThinkerConfig.from_pretrained(pretrained_model_name_or_path)
+            check_checkpoint_tensors(pretrained_model_name_or_path, config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def official_tensor_shapes(config: SmallThinkerConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint file, with its shape ([out, in] for linears)."""
+    h, f, e, d = (
+        config.hidden_size,
+        config.moe_ffn_hidden_size,
+        config.moe_num_primary_experts,
+        config.head_dim,
+    )
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "block_sparse_moe.primary_router.weight": (e, h),
+        }
+        for j in range(e):
+            m = f"{p}block_sparse_moe.experts.{j}."
+            shapes |= {m + "gate.weight": (f, h), m + "up.weight": (f, h), m + "down.weight": (h, f)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def check_checkpoint_tensors(path: str | os.PathLike, config: SmallThinkerConfig) -> None:
+    """Compare the safetensors headers under `path` with `official_tensor_shapes`; raise naming every problem."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return  # other formats are left to transformers' own loading checks
+    found: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                found[name] = tuple(handle.get_slice(name).get_shape())
+    expected = official_tensor_shapes(config)
+    missing = sorted(set(expected) - set(found))
+    misshaped = [
+        f"{n}: file {found[n]}, config expects {s}"
+        for n, s in expected.items()
+        if n in found and found[n] != s
+    ]
+    if missing or misshaped:
+        problems = [f"missing {n}" for n in missing[:20]] + misshaped[:20]
+        raise ValueError(
+            f"Checkpoint {os.fspath(path)} does not match its config.json ({len(missing)} missing, "
+            f"{len(misshaped)} misshaped tensor(s)):\n  " + "\n  ".join(problems)
+        )
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -586,6 +644,8 @@ __all__ = [
     "SmallThinkerPreTrainedModel",
     "SmallThinkerModel",
     "SmallThinkerForCausalLM",
+    "check_checkpoint_tensors",
     "load_balancing_loss",
+    "official_tensor_shapes",
     "router_z_loss",
 ]
