@@ -1,0 +1,188 @@
+"""Atomic training checkpoints: a `save_pretrained` directory plus everything needed to resume.
+
+Layout of `RUN_DIR/checkpoints/step_00000100/`:
+    config.json, model*.safetensors, tokenizer files   -> AutoModelForCausalLM.from_pretrained(dir)
+    train_config.yaml                                   -> the resolved run config
+    trainer_state.json                                  -> step, tokens seen, world size
+    optimizer.pt, scheduler.pt                          -> written by rank 0
+    rng_rank{R}.pt, data_rank{R}.pt                     -> one per rank (RNG, data stream position)
+
+Atomicity: everything is written to `.tmp-step_XXXXXXXX`, every file and the directory are fsynced,
+then the directory is renamed to its final name (rename is atomic on POSIX) and the parent fsynced.
+A kill at any instant leaves either the old set of checkpoints or the old set plus the new one;
+a half-written temp directory is never mistaken for a checkpoint and is removed on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or does not fit the current run."""
+
+
+@dataclass
+class TrainerState:
+    step: int
+    tokens_seen: int
+    world_size: int
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temp directories are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path:
+    """`latest` -> newest complete checkpoint of the run; otherwise a checkpoint directory path."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_root(run_dir))
+        if not found:
+            raise CheckpointError(
+                f"--checkpoint.resume=latest: no complete checkpoint in {checkpoint_root(run_dir)}; "
+                "start without resume or point at a checkpoint directory"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (no {STATE_FILE}); to start from weights only, "
+            "use --model.init_from instead"
+        )
+    return path
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def temp_dir_for(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_dir_name(step)}"
+
+
+def prepare_temp_dir(root: Path, step: int) -> Path:
+    """Rank 0: a fresh, empty temp directory (a leftover from a killed save is discarded)."""
+    tmp = temp_dir_for(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank_files(tmp: Path, rank: int, data_state: dict[str, Any]) -> None:
+    """Every rank: its RNG and data-stream state."""
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save(data_state, tmp / f"data_rank{rank}.pt")
+
+
+def write_main_files(
+    tmp: Path,
+    model_to_save: torch.nn.Module,
+    model_state: dict[str, torch.Tensor] | None,
+    tokenizer: Any,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    config_yaml: str,
+) -> None:
+    """Rank 0: model (save_pretrained), tokenizer, optimizer, scheduler and run config."""
+    model_to_save.save_pretrained(tmp, state_dict=model_state)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler_state, tmp / "scheduler.pt")
+    (tmp / "train_config.yaml").write_text(config_yaml)
+
+
+def publish(tmp: Path, state: TrainerState, keep_last: int) -> Path:
+    """Rank 0, after all ranks wrote: state file, fsync, atomic rename, prune old checkpoints."""
+    (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
+    _fsync_tree(tmp)
+    final = tmp.parent / step_dir_name(state.step)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
+        stale = tmp.parent / f".old-{final.name}"
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        tmp.rename(final)
+        shutil.rmtree(stale)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+    if keep_last > 0:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def discard_temp(root: Path, step: int) -> None:
+    shutil.rmtree(temp_dir_for(root, step), ignore_errors=True)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def load_rank_files(path: Path, rank: int) -> dict[str, Any]:
+    """The data-stream state of this rank; restores this rank's RNG state as a side effect."""
+    rng_file, data_file = path / f"rng_rank{rank}.pt", path / f"data_rank{rank}.pt"
+    if not rng_file.is_file() or not data_file.is_file():
+        raise CheckpointError(f"{path} has no state for rank {rank}: was it written with fewer processes?")
+    set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: numpy RNG state is pickled
+    return torch.load(data_file, weights_only=False)
+
+
+def load_main_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state, scheduler state)."""
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    scheduler_state = torch.load(path / "scheduler.pt", weights_only=False)
+    return optimizer_state, scheduler_state

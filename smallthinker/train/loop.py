@@ -1,0 +1,359 @@
+"""The training loop shared by pre-training and SFT.
+
+Loss normalisation (as torchtitan and the HF Trainer do it): before the step's forward passes, the
+valid target tokens (label != -100 after the shift) of all micro-batches on all ranks are counted
+and all-reduced; each micro-batch's loss is its token-loss *sum* divided by that global count, so the
+step's gradient is that of the mean over every target token of the global batch, whatever the split
+into micro-batches and ranks. DDP averages gradients over ranks, hence the `* world_size`.
+Router losses are per micro-batch quantities and are averaged over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from smallthinker.train import checkpoint as ckpt
+from smallthinker.train.build import (
+    ShardedStream,
+    apply_model_overrides,
+    build_model,
+    build_stream,
+    check_seq_lens,
+    data_config,
+    load_tokenizer,
+    stage_seq_lens,
+    tokenizer_source,
+)
+from smallthinker.train.config import ConfigError, TrainConfig, from_dict, save_train_config, to_dict
+from smallthinker.train.losses import RouterLosses
+from smallthinker.train.metrics import (
+    MetricsLogger,
+    default_peak_flops,
+    expert_counts,
+    flops_per_token,
+    load_summary,
+    neuron_sparsity,
+)
+from smallthinker.train.optim import build_optimizer, build_scheduler
+
+# Config fields that must not change when resuming: they decide which data each step sees and which
+# model is trained. Everything else (max_steps, LR, logging, checkpointing) may change.
+RESUME_FIXED = (
+    "task",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "data",
+    "data_shards",
+    "model",
+    "stage_model_overrides",
+)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm is not finite."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    last_checkpoint: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Metrics records logged by this process (all of them on the main process)."""
+
+
+@dataclass
+class Run:
+    """Everything the step function needs."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: ShardedStream
+    tokenizer: Any
+    router_losses: RouterLosses
+    logger: MetricsLogger
+    state: ckpt.TrainerState
+    stage: str
+    seq_lens: dict[str, int]
+    last_checkpoint: Path | None = None
+    counts_LE: torch.Tensor | None = None
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+
+
+def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
+    saved = from_dict(TrainConfig, yaml.safe_load((path / "train_config.yaml").read_text()))
+    now, before = to_dict(cfg), to_dict(saved)
+    changed = [k for k in RESUME_FIXED if now[k] != before[k]]
+    if changed:
+        detail = "; ".join(f"{k}: checkpoint {before[k]!r} vs now {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume from {path}: incompatible config ({detail}). Resume with the checkpoint's "
+            f"settings (see {path / 'train_config.yaml'}) or start a new run with --model.init_from={path}"
+        )
+    saved_world = ckpt.read_trainer_state(path).world_size
+    if saved_world != world_size:
+        raise ConfigError(
+            f"cannot resume from {path}: it was written by {saved_world} processes, this run has "
+            f"{world_size}; resume with {saved_world} processes (data_shards lets fewer processes "
+            "replay a larger run when set from the start)"
+        )
+
+
+def setup(cfg: TrainConfig) -> Run:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
+    if resume_path is not None:
+        check_resume_compatible(cfg, resume_path, accelerator.num_processes)
+    tokenizer = load_tokenizer(tokenizer_source(cfg, resume_path))
+    data_cfg = data_config(cfg)
+    model = build_model(cfg, tokenizer, resume_path)
+    check_seq_lens(cfg, data_cfg, model.config)
+    stream = build_stream(cfg, data_cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mc = accelerator.unwrap_model(model).config
+    router_losses = RouterLosses(
+        cfg.loss,
+        mc.moe_num_primary_experts,
+        mc.moe_num_active_primary_experts,
+        mc.moe_primary_router_apply_softmax,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard, accelerator.is_main_process)
+    run = Run(
+        cfg, accelerator, model, optimizer, scheduler, stream, tokenizer, router_losses, logger,
+        ckpt.TrainerState(step=0, tokens_seen=0, world_size=accelerator.num_processes),
+        stage=stream.current_stage, seq_lens=stage_seq_lens(data_cfg),
+    )  # fmt: skip
+    if resume_path is not None:
+        restore(run, resume_path)
+    else:
+        apply_model_overrides(run.unwrapped, cfg.stage_model_overrides.get(run.stage, {}))
+    if accelerator.is_main_process:
+        save_train_config(cfg, run_dir / "config.yaml")
+        logger.truncate_after(run.state.step)
+    return run
+
+
+def restore(run: Run, path: Path) -> None:
+    """Optimizer, scheduler, step counters, this rank's RNG and data position (weights are loaded already)."""
+    optimizer_state, scheduler_state = ckpt.load_main_files(path)
+    if run.accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_optimizer_state_dict(run.model, run.optimizer.optimizer, optimizer_state, options=options)
+    else:
+        run.optimizer.load_state_dict(optimizer_state)
+    run.scheduler.load_state_dict(scheduler_state)
+    run.state = ckpt.read_trainer_state(path)
+    run.stream.load_state_dict(ckpt.load_rank_files(path, run.accelerator.process_index))
+    run.stage = run.stream.current_stage
+    run.last_checkpoint = path
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer step
+# ------------------------------------------------------------------------------------------------
+def next_micro_batches(run: Run) -> list[tuple[str, dict[str, torch.Tensor]]] | None:
+    """The step's micro-batches with their data stage; None when the data (all stages) is used up."""
+    out = []
+    for _ in range(run.cfg.grad_accum_steps):
+        try:
+            batch = next(run.stream)
+        except StopIteration:
+            return None
+        out.append((run.stream.current_stage, {k: v.to(run.accelerator.device) for k, v in batch.items()}))
+    return out
+
+
+def enter_stage(run: Run, stage: str) -> None:
+    if stage == run.stage:
+        return
+    overrides = run.cfg.stage_model_overrides.get(stage, {})
+    apply_model_overrides(run.unwrapped, overrides)
+    run.accelerator.print(f"step {run.state.step}: data stage {stage!r} begins; model overrides {overrides}")
+    run.stage = stage
+
+
+def reduce_sum(run: Run, value: torch.Tensor) -> torch.Tensor:
+    if run.accelerator.num_processes == 1:
+        return value
+    return run.accelerator.reduce(value.clone(), reduction="sum")
+
+
+def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, Any]:
+    acc, cfg, world = run.accelerator, run.cfg, run.accelerator.num_processes
+    local_items = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)  # targets after the shift
+    global_items = reduce_sum(run, torch.tensor(float(local_items), device=acc.device)).clamp_min(1.0)
+    ce_sum = torch.zeros((), device=acc.device)
+    aux_sum = torch.zeros((), device=acc.device)
+    z_sum = torch.zeros((), device=acc.device)
+    for i, (stage, batch) in enumerate(micro):
+        enter_stage(run, stage)
+        sync = i == len(micro) - 1  # all-reduce gradients only after the last micro-batch
+        with contextlib.nullcontext() if sync else acc.no_sync(run.model):
+            out = run.model(
+                **batch, output_router_logits=True, use_cache=False, num_items_in_batch=global_items
+            )
+            aux, z = run.router_losses(out.router_logits, batch.get("attention_mask"))
+            router = (cfg.loss.balance_coef * aux + cfg.loss.z_coef * z) / len(micro)
+            acc.backward(out.loss * world + router)
+        ce_sum += out.loss.detach()
+        aux_sum += aux.detach() / len(micro)
+        z_sum += z.detach() / len(micro)
+        if run.counts_LE is not None:
+            run.counts_LE += expert_counts(
+                out.router_logits, run.router_losses.top_k, batch.get("attention_mask")
+            )
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
+    stats = reduce_sum(run, torch.stack([ce_sum, aux_sum / world, z_sum / world]))
+    loss, aux_loss, z_loss = stats.tolist()
+    if not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(float(grad_norm))):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"step {run.state.step + 1}: loss {loss}, balance loss {aux_loss}, gradient norm {float(grad_norm)} "
+            f"is not finite; no update was applied. The last good checkpoint is {run.last_checkpoint}; "
+            "lower optim.lr or raise schedule.warmup_steps and resume from it"
+        )
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for _, b in micro) * world
+    return {"loss": loss, "aux_loss": aux_loss, "z_loss": z_loss, "grad_norm": float(grad_norm), "lr": lr,
+            "tokens": tokens, "target_tokens": int(global_items)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics and checkpoints
+# ------------------------------------------------------------------------------------------------
+def step_record(run: Run, stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+    acc = run.accelerator
+    seq_len = run.seq_lens.get(run.stage, next(iter(run.seq_lens.values())))
+    tokens_per_s = stats["tokens"] / max(seconds, 1e-9)
+    peak = run.cfg.logging.peak_flops or default_peak_flops(acc.device.type, run.cfg.precision)
+    mfu = flops_per_token(run.unwrapped.config, seq_len) * tokens_per_s / (peak * acc.num_processes)
+    record = {"step": run.state.step, "stage": run.stage, "tokens_seen": run.state.tokens_seen}
+    record.update({k: stats[k] for k in ("loss", "aux_loss", "z_loss", "grad_norm", "lr", "target_tokens")})
+    record.update({"tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": seconds})
+    return record
+
+
+def moe_record(run: Run, first_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer load (window since the last report, all ranks) and, when due, neuron sparsity."""
+    record: dict[str, Any] = {}
+    step, log = run.state.step, run.cfg.logging
+    if run.counts_LE is not None and log.moe_metrics_every and step % log.moe_metrics_every == 0:
+        record.update(load_summary(reduce_sum(run, run.counts_LE)))
+        run.counts_LE.zero_()
+    if log.neuron_sparsity_every and step % log.neuron_sparsity_every == 0:
+        record["zero_neuron_fraction"] = neuron_sparsity(run.unwrapped, first_batch)
+    return record
+
+
+def save(run: Run) -> Path:
+    """Write a checkpoint on every rank; raises CheckpointError (previous checkpoints intact) on OSError."""
+    acc, root, step = run.accelerator, ckpt.checkpoint_root(run.cfg.run_dir), run.state.step
+    tmp = ckpt.temp_dir_for(root, step)
+    try:
+        if acc.is_main_process:
+            ckpt.prepare_temp_dir(root, step)
+        acc.wait_for_everyone()
+        model_state = acc.get_state_dict(run.model)  # a collective under FSDP
+        optimizer_state = optimizer_state_dict(run)
+        ckpt.write_rank_files(tmp, acc.process_index, run.stream.state_dict())
+        if acc.is_main_process:
+            config_yaml = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
+            ckpt.write_main_files(tmp, run.unwrapped, model_state, run.tokenizer, optimizer_state,
+                                  run.scheduler.state_dict(), config_yaml)  # fmt: skip
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.publish(tmp, run.state, run.cfg.checkpoint.keep_last)
+        acc.wait_for_everyone()
+    except OSError as e:
+        if acc.is_main_process:
+            ckpt.discard_temp(root, step)
+        raise ckpt.CheckpointError(
+            f"writing the checkpoint of step {step} under {root} failed ({e}); earlier checkpoints are "
+            f"intact, the newest is {run.last_checkpoint}. Free disk space and resume with "
+            "--checkpoint.resume=latest"
+        ) from e
+    run.last_checkpoint = root / ckpt.step_dir_name(step)
+    return run.last_checkpoint
+
+
+def optimizer_state_dict(run: Run) -> dict[str, Any]:
+    if run.accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(run.model, run.optimizer.optimizer, options=options)
+    return run.optimizer.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train until `max_steps` (or the end of the data stages), checkpointing along the way."""
+    run = setup(cfg)
+    acc, log = run.accelerator, cfg.logging
+    acc.print(yaml.safe_dump({"resolved config": to_dict(cfg)}, sort_keys=False))
+    if log.moe_metrics_every:
+        num_layers, num_experts = run.unwrapped.config.num_hidden_layers, run.router_losses.num_experts
+        run.counts_LE = torch.zeros(num_layers, num_experts, device=acc.device)
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not (log.progress_bar and acc.is_main_process),
+               desc=cfg.task, dynamic_ncols=True)  # fmt: skip
+    try:
+        while run.state.step < cfg.max_steps:
+            started = time.perf_counter()
+            micro = next_micro_batches(run)
+            if micro is None:
+                acc.print(f"step {run.state.step}: the data stages are used up; stopping")
+                break
+            stats = train_step(run, micro)
+            run.state.step += 1
+            run.state.tokens_seen += stats["tokens"]
+            record = step_record(run, stats, time.perf_counter() - started)
+            record.update(moe_record(run, micro[0][1]))
+            if run.state.step % log.every == 0 or run.state.step == cfg.max_steps:
+                run.logger.log(record)
+                history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+            if cfg.checkpoint.every and run.state.step % cfg.checkpoint.every == 0:
+                save(run)
+        if run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{run.state.step:08d}"):
+            save(run)
+    finally:
+        bar.close()
+        run.logger.close()
+    return TrainResult(run.state.step, run.state.tokens_seen, run.last_checkpoint, history)
