@@ -187,8 +187,8 @@ def load_raw_source(
         raise ValueError(f"Could not load hub dataset '{path}' (config={name}, split={split}): {e}") from e
 
 
-def check_text_field(ds: Dataset | IterableDataset, field_name: str, where: str) -> None:
-    """Raise a clear error when the dataset is empty or lacks the text column."""
+def check_fields(ds: Dataset | IterableDataset, fields: list[str], where: str) -> None:
+    """Raise a clear error when the dataset is empty or lacks one of `fields`."""
     if isinstance(ds, Dataset) and len(ds) == 0:
         raise ValueError(f"Data source {where} is empty.")
     columns = ds.column_names
@@ -197,10 +197,11 @@ def check_text_field(ds: Dataset | IterableDataset, field_name: str, where: str)
         if first is None:
             raise ValueError(f"Data source {where} is empty.")
         columns = list(first)
-    if field_name not in columns:
-        raise ValueError(
-            f"Data source {where} has no field '{field_name}' (columns: {columns}); set text_field."
-        )
+    for field_name in fields:
+        if field_name not in columns:
+            raise ValueError(
+                f"Data source {where} has no field '{field_name}' (columns: {columns}): set the source's field name."
+            )
 
 
 def require_eos(tokenizer: Any) -> int:
@@ -238,10 +239,19 @@ class DocumentCursor:
     so ranks are disjoint within an epoch. The state is just (epoch, position).
     """
 
-    def __init__(self, ds: Dataset, column: str, *, seed: int, rank: int, world_size: int, chunk: int = 256):
+    def __init__(
+        self,
+        ds: Dataset,
+        columns: tuple[str, ...],
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        chunk: int = 256,
+    ):
         if len(ds) < world_size:
             raise ValueError(f"Source has {len(ds)} documents, fewer than world_size={world_size}.")
-        self.ds, self.column, self.seed = ds, column, seed
+        self.ds, self.columns, self.seed = ds, columns, seed
         self.rank, self.world_size, self.chunk = rank, world_size, chunk
         self.epoch, self.pos = 0, 0
         self._order = self._epoch_order()
@@ -252,7 +262,8 @@ class DocumentCursor:
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.ds))
         return perm[self.rank :: self.world_size]
 
-    def next(self) -> Any:
+    def next(self) -> tuple[Any, ...]:
+        """The next document as a tuple of its `columns` values."""
         if self.pos >= len(self._order):
             self.epoch, self.pos = self.epoch + 1, 0
             self._order, self._cache = self._epoch_order(), []
@@ -260,7 +271,8 @@ class DocumentCursor:
         if not self._cache or not 0 <= offset < len(self._cache):
             self._cache_start = self.pos
             idx = self._order[self.pos : self.pos + self.chunk].tolist()
-            self._cache = self.ds[idx][self.column]
+            rows = self.ds[idx]
+            self._cache = list(zip(*(rows[c] for c in self.columns)))
             offset = 0
         self.pos += 1
         return self._cache[offset]
@@ -281,13 +293,13 @@ class StreamingCursor:
     shuffle buffer.
     """
 
-    def __init__(self, ds: IterableDataset, column: str, *, rank: int, world_size: int):
+    def __init__(self, ds: IterableDataset, columns: tuple[str, ...], *, rank: int, world_size: int):
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        self.column = column
+        self.columns = columns
         self.epoch, self.docs_in_epoch = 0, 0
         self._it: Iterator[dict] | None = None
 
-    def next(self) -> Any:
+    def next(self) -> tuple[Any, ...]:
         if self._it is None:
             self.ds.set_epoch(self.epoch)
             self._it = iter(self.ds)
@@ -299,7 +311,7 @@ class StreamingCursor:
             self.epoch, self.docs_in_epoch, self._it = self.epoch + 1, 0, None
             return self.next()
         self.docs_in_epoch += 1
-        return example[self.column]
+        return tuple(example[c] for c in self.columns)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "docs": self.docs_in_epoch, "hf": self.ds.state_dict()}
@@ -315,11 +327,11 @@ Cursor = DocumentCursor | StreamingCursor
 
 
 def build_cursor(
-    ds: Dataset | IterableDataset, column: str, *, seed: int, rank: int, world_size: int
+    ds: Dataset | IterableDataset, columns: tuple[str, ...], *, seed: int, rank: int, world_size: int
 ) -> Cursor:
     if isinstance(ds, IterableDataset):
-        return StreamingCursor(ds, column, rank=rank, world_size=world_size)
-    return DocumentCursor(ds, column, seed=seed, rank=rank, world_size=world_size)
+        return StreamingCursor(ds, columns, rank=rank, world_size=world_size)
+    return DocumentCursor(ds, columns, seed=seed, rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +450,7 @@ class PackedTextStream(TrainStream):
     def _read_document(self) -> None:
         weights = stage_weights(self.cfg, self.stage_idx)
         key = pick_source(self.source_tokens, weights)
-        doc = list(self.cursors[key].next()) + [self.eos_id]
+        doc = list(self.cursors[key].next()[0]) + [self.eos_id]
         self.source_tokens[key] += len(doc)
         self.buffer.extend(doc)
         self.buffer_starts.extend([True] + [False] * (len(doc) - 1))
@@ -539,23 +551,23 @@ def document_attention_masks(position_ids: torch.Tensor, config: Any) -> dict[st
     return masks
 
 
-def _open_cursors(
-    sources: list[SourceConfig],
-    tokenize: Callable[[Dataset | IterableDataset, SourceConfig], Dataset | IterableDataset],
+def open_cursors(
+    sources: list[Any],
+    prepare: Callable[[Dataset | IterableDataset, Any], Dataset | IterableDataset],
     *,
     streaming: bool,
     seed: int,
     rank: int,
     world_size: int,
-    column: str,
+    columns: tuple[str, ...],
 ) -> dict[str, Cursor]:
+    """One cursor per source (keyed by `source.key`) over `prepare(raw_dataset, source)`."""
     cursors: dict[str, Cursor] = {}
     for i, src in enumerate(sources):
         raw = load_raw_source(src.path, src.name, src.split, streaming)
-        check_text_field(raw, src.text_field, src.path)
-        ds = tokenize(raw, src)
+        ds = prepare(raw, src)
         # Each source gets its own seed so two sources of the same size are not shuffled alike.
-        cursors[src.key] = build_cursor(ds, column, seed=seed * 1000 + i, rank=rank, world_size=world_size)
+        cursors[src.key] = build_cursor(ds, columns, seed=seed * 1000 + i, rank=rank, world_size=world_size)
     return cursors
 
 
@@ -566,18 +578,19 @@ def build_train_stream(
     eos_id = require_eos(tokenizer)
 
     def tokenize(ds: Dataset | IterableDataset, src: SourceConfig) -> Dataset | IterableDataset:
+        check_fields(ds, [src.text_field], src.path)
         return tokenize_source(
             ds, tokenizer, src.text_field, batch_size=cfg.tokenize_batch_size, num_proc=cfg.num_proc
         )
 
-    cursors = _open_cursors(
+    cursors = open_cursors(
         cfg.sources,
         tokenize,
         streaming=cfg.streaming,
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
-        column="input_ids",
+        columns=("input_ids",),
     )
     return PackedTextStream(
         cfg, cursors, eos_id, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size

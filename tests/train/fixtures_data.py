@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-CHATML_MARKERS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from smallthinker.tokenizer import train_tokenizer
 
 
 def word_tokenizer(n_words: int = 200, eos: str | None = "<eos>") -> PreTrainedTokenizerFast:
@@ -24,30 +24,25 @@ def word_id(i: int) -> int:
     return i + 3
 
 
-def bpe_chat_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with the ChatML special tokens (like the Qwen2 tokenizer, much smaller)."""
+def chat_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """The project's byte-level BPE (ChatML template with generation blocks), trained on a few sentences."""
     corpus = [
         "the quick brown fox jumps over the lazy dog",
         "what is two plus two? two plus two is four.",
         "you are a helpful assistant. hello! how can I help you today?",
         "system user assistant question answer the capital of france is paris",
     ] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=CHATML_MARKERS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
+    tok = train_tokenizer(corpus, vocab_size=400)
     if chat_template is not None:
-        fast.chat_template = chat_template
-    return fast
+        tok.chat_template = chat_template
+    return tok
+
+
+# Qwen2's ChatML without generation blocks: the label mask must then come from the markers.
+PLAIN_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
