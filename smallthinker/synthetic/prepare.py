@@ -21,6 +21,7 @@ from smallthinker.synthetic.world import build_world
 
 # Bump when generated content changes for the same parameters, so old folders are not reused silently.
 FORMAT_VERSION = 1
+DEFAULT_DIR = "data/generated/synthetic"  # git-ignored; where the training config looks
 MANIFEST = "manifest.json"
 
 
@@ -39,6 +40,7 @@ def _generate(out: Path, params: dict) -> dict[str, Path]:
         texts += [f"{m['role']}\n{m['content']}" for m in conversation["messages"]]
     train_tokenizer(texts, params["vocab_size"], out / "tokenizer")
     paths["tokenizer"] = out / "tokenizer"
+    paths["benchmarks"] = out / "benchmarks"  # the --data folder of the evaluation suites
     paths["mmlu"] = out / "benchmarks" / "mmlu"
     return paths
 
@@ -67,7 +69,7 @@ def prepare_synthetic(
     """Corpus, SFT data, benchmarks and tokenizer under `out_dir`; returns name -> absolute path.
 
     Names: train, validation (corpus); sft_train, sft_validation, sft_*_prompt_response, heldout_qa;
-    mmlu (folder), mmlu_dev, mmlu_validation, mmlu_test, gpqa_diamond; tokenizer (folder); root, manifest.
+    benchmarks and mmlu (folders), mmlu_dev, mmlu_validation, mmlu_test, gpqa_diamond; tokenizer (folder); root, manifest.
     Reuses `out_dir` when it holds the same parameters. A folder made with other parameters is
     replaced only with `overwrite=True`; a non-empty folder without a manifest is never touched.
     """
