@@ -20,29 +20,24 @@ VOCAB_MULTIPLE = 64  # pad a fresh model's vocabulary to a GEMM-friendly size
 # ------------------------------------------------------------------------------------------------
 def tokenizer_source(cfg: TrainConfig, resume_path: Path | None) -> Path:
     """Where the tokenizer comes from: the checkpoint being resumed, an explicit path, the model being
-    fine-tuned, or the synthetic corpus (prepared offline on first use)."""
+    fine-tuned, or the synthetic corpus."""
     if resume_path is not None:
         return resume_path
     if cfg.tokenizer.path:
         return Path(cfg.tokenizer.path)
     if cfg.model.init_from:
         return Path(cfg.model.init_from)
-    return ensure_synthetic(cfg) / "tokenizer"
+    if cfg.synthetic_dir:
+        return Path(cfg.synthetic_dir) / "tokenizer"
+    raise ConfigError("no tokenizer: set tokenizer.path, model.init_from or synthetic_dir")
 
 
-def ensure_synthetic(cfg: TrainConfig) -> Path:
-    """The synthetic corpus + tokenizer directory, created (no downloads) when missing."""
-    out = Path(cfg.tokenizer.synthetic_dir)
-    if not (out / "tokenizer").is_dir():
-        if not cfg.tokenizer.synthetic_prepare:
-            raise FileNotFoundError(
-                f"synthetic data directory {out} is missing and tokenizer.synthetic_prepare is off; "
-                "run `python -m scripts.make_synthetic` or set tokenizer.path"
-            )
+def ensure_synthetic(cfg: TrainConfig) -> None:
+    """Prepare the synthetic corpus + tokenizer (offline; returns at once when already there)."""
+    if cfg.synthetic_dir:
         from smallthinker.synthetic import prepare_synthetic
 
-        prepare_synthetic(out)
-    return out
+        prepare_synthetic(cfg.synthetic_dir)
 
 
 def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:

@@ -42,11 +42,7 @@ class TokenizerSection:
     """Where the tokenizer comes from."""
 
     path: str | None = None
-    """A tokenizer directory; None uses the synthetic corpus tokenizer (or `model.init_from`)."""
-    synthetic_dir: str = "data/generated/synthetic"
-    """Synthetic corpus + tokenizer directory; created with `prepare_synthetic` when missing."""
-    synthetic_prepare: bool = True
-    """Run the offline synthetic data preparation when `synthetic_dir` does not exist yet."""
+    """A tokenizer directory; None uses `model.init_from`'s tokenizer, else the synthetic one."""
 
 
 @dataclass
@@ -117,6 +113,9 @@ class TrainConfig:
     task: Task = "pretrain"
     run_dir: str = "runs/pretrain_tiny"
     seed: int = 0
+    synthetic_dir: str | None = None
+    """When set, the offline synthetic corpus + tokenizer is prepared there first (idempotent, no
+    downloads); data sources may then point into it."""
     precision: Precision = "fp32"
     max_steps: int = 1000
     micro_batch_size: int = 4

@@ -31,6 +31,7 @@ from smallthinker.train.build import (
     build_stream,
     check_seq_lens,
     data_config,
+    ensure_synthetic,
     load_tokenizer,
     stage_seq_lens,
     tokenizer_source,
@@ -127,6 +128,8 @@ def setup(cfg: TrainConfig) -> Run:
     resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     if resume_path is not None:
         check_resume_compatible(cfg, resume_path, accelerator.num_processes)
+    with accelerator.main_process_first():
+        ensure_synthetic(cfg)
     tokenizer = load_tokenizer(tokenizer_source(cfg, resume_path))
     data_cfg = data_config(cfg)
     model = build_model(cfg, tokenizer, resume_path)

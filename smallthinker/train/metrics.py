@@ -68,7 +68,7 @@ def expert_counts(
 def load_summary(counts_LE: torch.Tensor) -> dict[str, list[float]]:
     """Per-layer load statistics from accumulated counts.
 
-    min/max load are relative to a perfectly uniform split (1.0 = balanced); entropy is normalised
+    expert_share is each expert's share of the layer's assignments; min/max load are relative to a perfectly uniform split (1.0 = balanced); entropy is normalised
     by log E (1.0 = uniform); dead = experts that received no token in the window.
     """
     num_experts = counts_LE.shape[-1]
@@ -80,6 +80,7 @@ def load_summary(counts_LE: torch.Tensor) -> dict[str, list[float]]:
         "load_max": (share_LE.max(-1).values * num_experts).tolist(),
         "load_entropy": entropy_L.tolist(),
         "dead_experts": (counts_LE == 0).sum(-1).tolist(),
+        "expert_share": share_LE.tolist(),  # [L][E], sums to 1 per layer
     }
 
 
