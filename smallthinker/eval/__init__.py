@@ -3,7 +3,7 @@
 Importing this package registers the lm-eval model `smallthinker` (see `lm.py`).
 """
 
-from smallthinker.eval.data import EvalDataError, PreparedData, prepare_gpqa, prepare_mmlu
+from smallthinker.eval.data import EvalDataError, EvalError, PreparedData, prepare_gpqa, prepare_mmlu
 from smallthinker.eval.lm import NotSmallThinkerError, SmallThinkerLM
 from smallthinker.eval.runner import evaluate_suite
 from smallthinker.eval.suites import SUITES, Suite, get_suite
@@ -11,6 +11,7 @@ from smallthinker.eval.suites import SUITES, Suite, get_suite
 __all__ = [
     "SUITES",
     "EvalDataError",
+    "EvalError",
     "NotSmallThinkerError",
     "PreparedData",
     "SmallThinkerLM",

@@ -42,11 +42,15 @@ How to provide the data:
       DIR/gpqa/gpqa_diamond.jsonl
           {"Question": str, "Correct Answer": str, "Incorrect Answer 1": str, ... 2, ... 3, "Record ID": str}
     (e.g. `datasets.load_dataset("cais/mmlu", "all")[split].to_json(...)` on a machine with network),
-  * or synthetic data in these schemas: `python -m scripts.evaluate --suite mmlu --synthetic ...`
-    writes them with smallthinker.synthetic."""
+  * or the offline synthetic benchmarks in these schemas: `python -m scripts.make_synthetic --out DIR`,
+    then --data DIR/benchmarks."""
 
 
-class EvalDataError(ValueError):
+class EvalError(ValueError):
+    """An evaluation cannot run as asked; the message says what is wrong and what to do."""
+
+
+class EvalDataError(EvalError):
     """Benchmark data is missing or malformed; the message says what and how to fix it."""
 
 
@@ -147,6 +151,10 @@ def _prepare_mmlu_rows(
         for i, row in enumerate(rows):
             validate_mmlu_row(row, f"{source} [{split}] row {i}")
             key = subject_key(row["subject"])
+            if not key:
+                raise EvalDataError(
+                    f"{source} [{split}] row {i}: subject {row['subject']!r} has no letters or digits"
+                )
             by_subject[key][split].append({**row, "subject": key})
     for key, split_rows in sorted(by_subject.items()):
         if not split_rows["test"]:

@@ -22,13 +22,14 @@ from lm_eval.models.huggingface import HFLM
 from transformers.configuration_utils import PreTrainedConfig
 
 import smallthinker.modeling  # noqa: F401  (registers model_type "smallthinker" with the Auto classes)
+from smallthinker.eval.data import EvalError
 
 log = logging.getLogger(__name__)
 
 SMALLTHINKER_ARCHITECTURES = ("SmallThinkerForCausalLM", "SmallThinkerModel")
 
 
-class NotSmallThinkerError(ValueError):
+class NotSmallThinkerError(EvalError):
     """The model or checkpoint given is not a SmallThinker model."""
 
 
@@ -43,8 +44,8 @@ def check_smallthinker_config(config: dict[str, Any] | PreTrainedConfig, where: 
     raise NotSmallThinkerError(
         f"{where} is not a SmallThinker checkpoint (config model_type={model_type!r}, "
         f"architectures={architectures}); expected model_type 'smallthinker' or architectures "
-        f"{list(SMALLTHINKER_ARCHITECTURES)}. To evaluate another model family with the same suites, "
-        f"use lm-eval's own `hf` model."
+        f"{list(SMALLTHINKER_ARCHITECTURES)}. For another model family, pass an lm-eval `HFLM` to "
+        f"smallthinker.eval.evaluate_suite, or use lm-eval's `hf` model."
     )
 
 

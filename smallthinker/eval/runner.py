@@ -14,7 +14,7 @@ import transformers
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
-from smallthinker.eval.data import PreparedData, check_fewshot_pool, prepare_gpqa, prepare_mmlu
+from smallthinker.eval.data import EvalError, PreparedData, check_fewshot_pool, prepare_gpqa, prepare_mmlu
 from smallthinker.eval.lm import SmallThinkerLM
 from smallthinker.eval.report import LM_EVAL_KEYS, headline, write_results
 from smallthinker.eval.suites import Suite, get_suite, write_task_configs
@@ -29,7 +29,7 @@ OTHER_SEED = 1234
 def prepare_data(suite: Suite, data_dir: str | Path | None, hub: bool, work_dir: Path) -> PreparedData:
     """Validate the suite's benchmark data from `data_dir` or the hub into `work_dir`."""
     if (data_dir is None) == (not hub):
-        raise ValueError("give exactly one data source: a local directory (--data DIR) or the hub (--hub)")
+        raise EvalError("give exactly one data source: a local directory (--data DIR) or the hub (--hub)")
     prepare = prepare_mmlu if suite.benchmark == "mmlu" else prepare_gpqa
     data = prepare(None if hub else data_dir, work_dir)
     if suite.name == "mmlu":
@@ -52,14 +52,14 @@ def load_lm(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype
         )
     if tokenizer is None:
-        raise ValueError("an in-memory model needs its tokenizer: pass tokenizer=<tokenizer or its path>")
+        raise EvalError("an in-memory model needs its tokenizer: pass tokenizer=<tokenizer or its path>")
     return SmallThinkerLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _check_chat_template(suite: Suite, lm: LM) -> None:
     tokenizer = getattr(lm, "tokenizer", None)
     if suite.chat_template and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise EvalError(
             f"suite {suite.name!r} renders prompts with the chat template, but the tokenizer has none "
             "(instruct checkpoints ship one in tokenizer_config.json / chat_template.jinja). "
             "Evaluate base models with the log-likelihood suites 'mmlu' or 'gpqa_diamond'."

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from smallthinker.eval.data import GPQA_FILE, MMLU_SPLITS, PreparedData
+from smallthinker.eval.data import GPQA_FILE, MMLU_SPLITS, EvalError, PreparedData
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -78,7 +78,7 @@ SUITES: dict[str, Suite] = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
+        raise EvalError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
     return SUITES[name]
 
 
@@ -86,7 +86,7 @@ def _generation_override(suite: Suite, cfg: dict[str, Any], max_gen_toks: int | 
     """`generation_kwargs` with the suite's generation budget, or {} for log-likelihood suites."""
     if cfg["output_type"] != "generate_until":
         if max_gen_toks is not None:
-            raise ValueError(f"suite {suite.name!r} scores log-likelihoods; max_gen_toks does not apply")
+            raise EvalError(f"suite {suite.name!r} scores log-likelihoods; max_gen_toks does not apply")
         return {}
     budget = max_gen_toks or suite.default_max_gen_toks
     return {"generation_kwargs": {**cfg["generation_kwargs"], "max_gen_toks": budget}}
