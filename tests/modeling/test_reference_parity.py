@@ -164,11 +164,24 @@ def test_bf16_logits_close_to_reference(official, experts: str, tmp_path: Path) 
     assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
-def test_greedy_generate_with_cache_matches_reference(official, experts: str) -> None:
+def test_bf16_eager_path_is_bit_exact_with_reference(official, tmp_path: Path) -> None:
+    """The eager experts loop with eager attention reproduces the official bf16 numerics exactly: RoPE tables in
+    fp32 cast down, sigmoid routing in bf16, softmax routing in fp32, accumulation in bf16 by ascending expert."""
+    cfg, sd, _ = official
+    sd16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    directory = write_official_checkpoint(tmp_path / "bf16", cfg, sd16)
+    model = load(directory, dtype=torch.bfloat16, experts_implementation="eager", attn_implementation="eager")
+    ids = input_ids(cfg, seed=7)
+    with torch.no_grad():
+        ours = model(ids).logits
+    torch.testing.assert_close(ours, reference_logits(sd16, cfg, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("experts", "attn"), [("grouped_mm", "sdpa"), ("eager", "eager")])
+def test_greedy_generate_with_cache_matches_reference(official, experts: str, attn: str) -> None:
     """KV-cached decoding past the sliding window equals recomputing the reference on the whole prefix."""
     cfg, sd, directory = official
-    model = load(directory, experts_implementation=experts)
+    model = load(directory, experts_implementation=experts, attn_implementation=attn)
     prompt = input_ids(cfg, seed=3)[:1, :10]
     new_tokens = 14  # 10 + 14 > window 8, so the sliding-window cache must evict
     with torch.no_grad():
