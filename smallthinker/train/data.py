@@ -67,7 +67,7 @@ class SourceConfig:
     def key(self) -> str:
         if self.id:
             return self.id
-        return Path(self.path).stem if _looks_local(self.path) else self.path
+        return Path(self.path).stem if looks_local(self.path) else self.path
 
 
 @dataclass
@@ -145,7 +145,7 @@ def stage_weights(cfg: DataConfig, stage_idx: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # Loading and tokenisation
 # --------------------------------------------------------------------------------------------------
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return os.path.exists(path) or path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS
 
 
@@ -173,7 +173,7 @@ def load_raw_source(
     path: str, name: str | None = None, split: str = "train", streaming: bool = False
 ) -> Dataset | IterableDataset:
     """Load a local file/directory or a hub dataset with `datasets.load_dataset`."""
-    if _looks_local(path):
+    if looks_local(path):
         builder, files = _local_data_files(Path(path).expanduser())
         if all(os.path.getsize(f) == 0 for f in files):
             raise ValueError(f"Data source {path} is empty.")

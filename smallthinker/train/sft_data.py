@@ -28,8 +28,8 @@ from smallthinker.train.data import (
     STATE_VERSION,
     Cursor,
     TrainStream,
-    _looks_local,
     check_fields,
+    looks_local,
     open_cursors,
     pick_source,
     positions_from_starts,
@@ -40,6 +40,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # A ChatML assistant reply: its text and the closing marker (group 1).
 CHATML_ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+# Give up when this many conversations in a row yield no trainable token (instead of looping forever).
+MAX_CONSECUTIVE_SKIPS = 1000
 
 
 @dataclass
@@ -63,7 +65,7 @@ class SFTSourceConfig:
     def key(self) -> str:
         if self.id:
             return self.id
-        return Path(self.path).stem if _looks_local(self.path) else self.path
+        return Path(self.path).stem if looks_local(self.path) else self.path
 
     def fields(self) -> list[str]:
         if self.prompt_field is None:
@@ -169,6 +171,11 @@ def encode_conversation(
     if mode == "auto":
         mode = "generation" if has_generation_blocks(tokenizer) else "chatml"
     if mode == "generation":
+        if not has_generation_blocks(tokenizer):
+            raise ValueError(
+                "label_mask='generation' needs {% generation %} blocks in the chat template; "
+                "use label_mask='chatml' (or 'auto') for a template without them."
+            )
         out = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
@@ -230,7 +237,7 @@ class PackedChatStream(TrainStream):
 
     def _read_conversation(self) -> tuple[list[int], list[int]]:
         """Next usable conversation, truncated to seq_len; skips those with no assistant token left."""
-        while True:
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
             key = pick_source(self.source_tokens, self.weights)
             ids, labels = (list(x) for x in self.cursors[key].next())
             self.source_tokens[key] += len(ids)
@@ -243,6 +250,10 @@ class PackedChatStream(TrainStream):
             if any(t != -100 for t in labels[1:]):  # label 0 is never predicted (shifted)
                 return ids, labels
             self.dropped += 1
+        raise ValueError(
+            f"{MAX_CONSECUTIVE_SKIPS} conversations in a row have no assistant token within seq_len="
+            f"{self.cfg.seq_len}: check the data's assistant turns, the chat template and seq_len."
+        )
 
     def _warn(self, what: str, n: int) -> None:
         setattr(self, what, getattr(self, what) + 1)

@@ -192,6 +192,13 @@ def test_bad_sft_inputs(tmp_path, tok):
     no_template.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         encode_conversation(no_template, CONVERSATION)
+    with pytest.raises(ValueError, match="needs {% generation %} blocks"):
+        encode_conversation(chat_tokenizer(PLAIN_CHATML), CONVERSATION, "generation")
+    no_reply = write_jsonl(
+        tmp_path / "noreply.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3
+    )
+    with pytest.raises(ValueError, match="no assistant token"):
+        next(build_sft_stream(SFTDataConfig(sources=[{"path": str(no_reply)}]), tok, micro_batch_size=1))
     with pytest.raises(ValueError, match="truncation"):
         SFTDataConfig(sources=[{"path": str(path)}], truncation="cut")
 
