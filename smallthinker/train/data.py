@@ -350,10 +350,10 @@ def pick_source(tokens: dict[str, int], weights: dict[str, float]) -> str:
 # The stream
 # --------------------------------------------------------------------------------------------------
 class TrainStream:
-    """Iterable of packed micro-batches with `state_dict()` / `load_state_dict()`.
+    """Iterable of micro-batches {input_ids, labels, position_ids: LongTensor[B, S]} of one rank.
 
-    Subclasses implement `_next_rows(n_rows, seq_len)` returning int64 arrays
-    (input_ids, labels, position_ids), each [n_rows, seq_len], and `_extra_state` hooks.
+    Subclasses implement `next_batch` and `state_dict` / `load_state_dict`; a stream built from the
+    same config and rank and given a saved state yields exactly the batches that followed the save.
     """
 
     def __init__(self, micro_batch_size: int, rank: int, world_size: int):
