@@ -9,6 +9,7 @@ The resolved config is written to `RUN_DIR/config.yaml` and into every checkpoin
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,7 +69,10 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of peak (report: cosine to 10 %)."""
     decay_fraction: float = 0.2
-    """WSD only: fraction of `max_steps` spent in the final linear decay."""
+    """WSD only: fraction of the schedule spent in the final linear decay."""
+    total_steps: int | None = None
+    """Schedule horizon; None = `max_steps`. Set it to stop a run early (max_steps) without changing
+    its LR curve, e.g. to train a long schedule in several jobs."""
 
 
 @dataclass
@@ -140,6 +144,29 @@ class TrainConfig:
     seq_len) are `data.stages`."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `3e-4` and `1.0e5` as strings, which is a trap in
+    configs full of learning rates and RoPE bases."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or has the wrong type."""
 
@@ -198,7 +225,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML-serialisable dict (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    return parse_yaml(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
 
 
 def _plain(obj: Any) -> Any:
@@ -221,7 +248,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        node[leaf] = parse_yaml(raw) if raw != "" else None
     return values
 
 
@@ -232,7 +259,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; presets are in configs/train/")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     apply_overrides(values, overrides or [])

@@ -36,7 +36,14 @@ from smallthinker.train.build import (
     stage_seq_lens,
     tokenizer_source,
 )
-from smallthinker.train.config import ConfigError, TrainConfig, from_dict, save_train_config, to_dict
+from smallthinker.train.config import (
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    parse_yaml,
+    save_train_config,
+    to_dict,
+)
 from smallthinker.train.losses import RouterLosses
 from smallthinker.train.metrics import (
     MetricsLogger,
@@ -103,7 +110,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
-    saved = from_dict(TrainConfig, yaml.safe_load((path / "train_config.yaml").read_text()))
+    saved = from_dict(TrainConfig, parse_yaml((path / "train_config.yaml").read_text()))
     now, before = to_dict(cfg), to_dict(saved)
     changed = [k for k in RESUME_FIXED if now[k] != before[k]]
     if changed:
@@ -136,7 +143,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_seq_lens(cfg, data_cfg, model.config)
     stream = build_stream(cfg, data_cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.schedule.total_steps or cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     mc = accelerator.unwrap_model(model).config
     router_losses = RouterLosses(

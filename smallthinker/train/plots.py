@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from smallthinker.train.metrics import read_metrics  # noqa: E402
 
@@ -56,6 +57,7 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path, max_layers: int =
                           extent=[steps[0], steps[-1], num_experts - 0.5, -0.5])  # fmt: skip
         ax.set_title(f"layer {layer}", fontsize="small")
         ax.set_ylabel("expert")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, label="load / uniform")
