@@ -4,6 +4,7 @@ from smallthinker.synthetic.benchmarks import build_gpqa, build_mmlu, write_benc
 from smallthinker.synthetic.corpus import generate_corpus, write_corpus
 from smallthinker.synthetic.instructions import (
     generate_conversations,
+    heldout_exact_match,
     heldout_questions,
     split_entities,
     to_prompt_response,
@@ -22,6 +23,7 @@ __all__ = [
     "build_world",
     "generate_conversations",
     "generate_corpus",
+    "heldout_exact_match",
     "heldout_questions",
     "prepare_synthetic",
     "split_entities",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from smallthinker.synthetic.corpus import state, write_jsonl
@@ -90,6 +92,24 @@ def heldout_questions(world: World) -> list[dict[str, str]]:
     return [
         {"question": ask(world, f), "answer": f.object} for e in heldout for f in world.facts_about(e.name)
     ]
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, first line only, outer punctuation and spaces stripped: "Forest.\n..." -> "forest"."""
+    first_line = text.strip().split("\n", 1)[0]
+    return re.sub(r"\s+", " ", first_line).strip(" .,;:!?\"'").lower()
+
+
+def heldout_exact_match(rows: list[dict[str, str]], answer: Callable[[str], str]) -> float:
+    """Share of `rows` ({"question", "answer"}) where `answer(question)` matches after normalisation.
+
+    `answer` is any question -> reply function (e.g. chat-template generation with a model), so
+    this stays independent of the model code.
+    """
+    if not rows:
+        raise ValueError("no held-out questions to score")
+    hits = sum(normalize_answer(answer(r["question"])) == normalize_answer(r["answer"]) for r in rows)
+    return hits / len(rows)
 
 
 def to_prompt_response(conversations: list[dict]) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ import re
 
 from smallthinker.synthetic.instructions import (
     generate_conversations,
+    heldout_exact_match,
     heldout_questions,
     split_entities,
     to_prompt_response,
@@ -92,3 +93,14 @@ def test_prompt_response_rows_one_per_turn():
         {"prompt": "q1", "response": "a1"},
         {"prompt": "q2", "response": "a2"},
     ]
+
+
+def test_heldout_exact_match_scores_normalised_replies():
+    world = build_world(0)
+    rows = heldout_questions(world)
+    truth = {r["question"]: r["answer"] for r in rows}
+    assert heldout_exact_match(rows, lambda q: f" {truth[q].upper()}.\nMore text") == 1.0
+    assert heldout_exact_match(rows, lambda q: "I do not know") == 0.0
+    half = {r["question"] for r in rows[: len(rows) // 2]}
+    score = heldout_exact_match(rows, lambda q: truth[q] if q in half else "wrong")
+    assert score == len(half) / len(rows)
