@@ -121,6 +121,9 @@ class TrainConfig:
     """When set, the offline synthetic corpus + tokenizer is prepared there first (idempotent, no
     downloads); data sources may then point into it."""
     precision: Precision = "fp32"
+    cpu: bool | None = None
+    """Train on CPU; None = on CPU exactly when no CUDA device is present. Several CPU processes
+    (torchrun / accelerate launch) then form a gloo process group."""
     max_steps: int = 1000
     micro_batch_size: int = 4
     grad_accum_steps: int = 1

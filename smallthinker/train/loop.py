@@ -106,7 +106,9 @@ class Run:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
+    # cpu=True is also what makes accelerate build a gloo group for CPU processes started by torchrun.
+    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=cpu)
 
 
 def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
