@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, help="at most this many questions per task (per MMLU subject)")
     parser.add_argument(
-        "--out", type=Path, default=Path("out/eval"), help="results go to OUT/SUITE (default out/eval)"
+        "--out", type=Path, default=Path("runs/eval"), help="results go to OUT/SUITE (default runs/eval)"
     )
     parser.add_argument(
         "--batch-size", type=_batch_size, default=8, help="requests per forward pass, or 'auto' (GPU)"
