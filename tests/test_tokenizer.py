@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from scripts.train_tokenizer import main as train_tokenizer_main
 from smallthinker.synthetic.corpus import generate_corpus
 from smallthinker.synthetic.world import build_world
-from smallthinker.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+from smallthinker.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, iter_texts, train_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -105,3 +105,26 @@ def test_train_tokenizer_script(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # bad input: a clear message, exit status 2
         train_tokenizer_main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "tok2")])
     assert exit_info.value.code == 2 and "missing.txt does not exist" in capsys.readouterr().err
+
+
+def test_iter_texts_reads_txt_jsonl_and_chat_rows(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first line\nsecond line\n", encoding="utf-8")
+    jsonl = tmp_path / "b.jsonl"
+    rows = [
+        {"text": "plain"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
+    assert list(iter_texts([txt, jsonl])) == ["first line", "second line", "plain", "q", "a"]
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: row has neither a 'text' column nor 'messages'"):
+        list(iter_texts([bad]))
+    with pytest.raises(ValueError, match="unsupported file type"):
+        list(iter_texts([tmp_path / "a.txt", _touch(tmp_path / "d.parquet")]))
+
+
+def _touch(path):
+    path.write_bytes(b"")
+    return path
