@@ -101,6 +101,13 @@ def markdown_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename, so an interrupted run never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_results(
     out_dir: Path, record: dict[str, Any], samples: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Path]:
@@ -111,11 +118,13 @@ def write_results(
         "markdown": out_dir / "results.md",
         "samples": out_dir / "samples.jsonl",
     }
-    paths["json"].write_text(json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
-    paths["markdown"].write_text(markdown_table(record))
-    with paths["samples"].open("w", encoding="utf-8") as f:
-        for task, task_samples in samples.items():
-            for sample in task_samples:
-                line = {"task": task, **sample}
-                f.write(json.dumps(line, ensure_ascii=False, default=handle_non_serializable) + "\n")
+    lines = (
+        json.dumps({"task": task, **sample}, ensure_ascii=False, default=handle_non_serializable) + "\n"
+        for task, task_samples in samples.items()
+        for sample in task_samples
+    )
+    _write_atomic(paths["samples"], "".join(lines))
+    _write_atomic(paths["markdown"], markdown_table(record))
+    # results.json last: its presence means the run completed.
+    _write_atomic(paths["json"], json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
     return paths

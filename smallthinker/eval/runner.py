@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager
 from smallthinker.eval.data import EvalError, PreparedData, check_fewshot_pool, prepare_gpqa, prepare_mmlu
 from smallthinker.eval.lm import SmallThinkerLM
 from smallthinker.eval.report import LM_EVAL_KEYS, headline, write_results
-from smallthinker.eval.suites import Suite, get_suite, write_task_configs
+from smallthinker.eval.suites import Suite, get_suite, num_fewshot, write_task_configs
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ def prepare_data(suite: Suite, data_dir: str | Path | None, hub: bool, work_dir:
         raise EvalError("give exactly one data source: a local directory (--data DIR) or the hub (--hub)")
     prepare = prepare_mmlu if suite.benchmark == "mmlu" else prepare_gpqa
     data = prepare(None if hub else data_dir, work_dir)
-    if suite.name == "mmlu":
-        check_fewshot_pool(data, num_fewshot=5)
+    if suite.benchmark == "mmlu" and num_fewshot(suite) > 0:
+        check_fewshot_pool(data, num_fewshot(suite))
     return data
 
 
@@ -109,7 +109,23 @@ def evaluate_suite(
         torch_random_seed=OTHER_SEED,
         fewshot_random_seed=OTHER_SEED,
     )
-    record = {
+    record = _record(spec, lm, data, results, task_name, limit, seconds=time.time() - started)
+    paths = write_results(out, record, results.get("samples", {}))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return record
+
+
+def _record(
+    spec: Suite,
+    lm: LM,
+    data: PreparedData,
+    results: dict[str, Any],
+    task_name: str,
+    limit: int | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """Everything results.json holds: the headline, how it was measured, and lm-eval's raw results."""
+    return {
         "suite": spec.name,
         "benchmark": spec.benchmark,
         "protocol": spec.protocol,
@@ -132,13 +148,10 @@ def evaluate_suite(
             "subjects": data.subjects,
             "sha256": data.sha256,
         },
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(seconds, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lm_eval_results": {k: results[k] for k in LM_EVAL_KEYS if k in results},
     }
-    paths = write_results(out, record, results.get("samples", {}))
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return record
 
 
 def _generation_budget(results: dict[str, Any], task_name: str) -> int | None:

@@ -82,6 +82,11 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
+def num_fewshot(suite: Suite) -> int:
+    """How many solved examples precede each question (the YAML's `num_fewshot`)."""
+    return int(load_yaml(TASKS_DIR / suite.task_yaml, resolve_func=False).get("num_fewshot") or 0)
+
+
 def _generation_override(suite: Suite, cfg: dict[str, Any], max_gen_toks: int | None) -> dict[str, Any]:
     """`generation_kwargs` with the suite's generation budget, or {} for log-likelihood suites."""
     if cfg["output_type"] != "generate_until":
