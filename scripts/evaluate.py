@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model", required=True, help="checkpoint directory or hub id of a SmallThinker model"
     )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer directory or hub id (default: the one saved with --model)"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--data", type=Path, help="folder with mmlu/{dev,validation,test}.jsonl, gpqa/gpqa_diamond.jsonl"
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out / suite,
                 data_dir=args.data,
                 hub=args.hub,
+                tokenizer=args.tokenizer,
                 limit=args.limit,
                 batch_size=args.batch_size,
                 max_gen_toks=args.max_gen_toks,
