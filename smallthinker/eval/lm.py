@@ -81,6 +81,9 @@ class SmallThinkerLM(HFLM):
         else:
             check_smallthinker_config(pretrained.config, f"the model object {type(pretrained).__name__}")
         kwargs.setdefault("backend", "causal")
+        # The report evaluates in "non-thinking mode": chat templates with a thinking switch read
+        # `enable_thinking`, templates without one ignore the variable.
+        kwargs.setdefault("enable_thinking", False)
         super().__init__(pretrained=pretrained, device=device, batch_size=batch_size, **kwargs)
 
     def get_model_info(self) -> dict[str, Any]:

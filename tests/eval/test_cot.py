@@ -116,3 +116,22 @@ def test_gpqa_cot_uses_lm_evals_extraction(tiny_model, tokenizer, benchmark_dir,
         "(A) the heron\n(B) the lynx\n(C) the otter\n(D) the marten\nLet's think step by step: <|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def test_chat_prompts_use_non_thinking_mode(tiny_model, tokenizer):
+    """A template with a thinking switch (as Qwen3's) renders its non-thinking form; plain ChatML is unchanged."""
+    switch = "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    thinking = tokenizer.__class__(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=tokenizer.chat_template + switch,
+    )
+    messages = [{"role": "user", "content": "Which animal?"}]
+    lm = SmallThinkerLM(pretrained=tiny_model, tokenizer=thinking)
+    assert lm.apply_chat_template(messages).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    plain = SmallThinkerLM(pretrained=tiny_model, tokenizer=tokenizer)
+    assert (
+        plain.apply_chat_template(messages)
+        == "<|im_start|>user\nWhich animal?<|im_end|>\n<|im_start|>assistant\n"
+    )
