@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smallthinker.eval.tasks.utils import clean_gpqa_text
+
 MMLU_SPLITS = ("dev", "validation", "test")
 MMLU_HUB = ("cais/mmlu", "all")
 GPQA_HUB = ("Idavidrein/gpqa", "gpqa_diamond")
@@ -130,9 +132,9 @@ def validate_gpqa_row(row: dict[str, Any], where: str) -> None:
     for key in ("Question", *GPQA_ANSWER_COLUMNS):
         if not _is_text(row[key]):
             raise EvalDataError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
-    # The task finds the gold letter by looking the correct answer up among the shuffled choices,
-    # so a duplicate would make the gold letter ambiguous.
-    answers = [" ".join(row[k].split()) for k in GPQA_ANSWER_COLUMNS]
+    # The task finds the gold letter by looking the cleaned correct answer up among the shuffled,
+    # cleaned choices, so a duplicate would make the gold letter ambiguous.
+    answers = [clean_gpqa_text(row[k]) for k in GPQA_ANSWER_COLUMNS]
     if len(set(answers)) != 4:
         raise EvalDataError(f"{where}: the four answers are not distinct ({answers!r})")
 

@@ -76,7 +76,7 @@ def test_missing_file_says_how_to_get_the_data(tmp_path):
 
 def test_gpqa_duplicate_answers_are_refused(tmp_path):
     rows = gpqa_rows(3)
-    rows[1]["Incorrect Answer 2"] = rows[1]["Correct Answer"] + " "
+    rows[1]["Incorrect Answer 2"] = " " + rows[1]["Correct Answer"]
     write_jsonl(tmp_path / "gpqa" / "gpqa_diamond.jsonl", rows)
     with pytest.raises(EvalDataError, match=r"gpqa_diamond.jsonl row 1: the four answers are not distinct"):
         prepare_gpqa(tmp_path, tmp_path / "out")

@@ -46,7 +46,7 @@ class AnswerLetterFilter(Filter):
         return [letters(texts) for texts in resps]
 
 
-def _clean_gpqa_text(text: str | None) -> str:
+def clean_gpqa_text(text: str | None) -> str:
     # Same normalisation as lm-eval's gpqa utils.preprocess.
     if text is None:
         return " "
@@ -60,8 +60,8 @@ def shuffle_gpqa_choices(doc: dict[str, Any]) -> dict[str, Any]:
     which other tasks ran before it. Seeding from the question's own id (or text) gives every run,
     and both GPQA suites, the same order.
     """
-    correct = _clean_gpqa_text(doc["Correct Answer"])
-    choices = [_clean_gpqa_text(doc[f"Incorrect Answer {i}"]) for i in (1, 2, 3)] + [correct]
+    correct = clean_gpqa_text(doc["Correct Answer"])
+    choices = [clean_gpqa_text(doc[f"Incorrect Answer {i}"]) for i in (1, 2, 3)] + [correct]
     random.Random(str(doc.get("Record ID") or doc["Question"])).shuffle(choices)
     gold = choices.index(correct)
     return {
