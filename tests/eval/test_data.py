@@ -122,3 +122,31 @@ def test_hub_unreachable_offline_gives_instructions(tmp_path):
     assert "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set" in out.stdout
     assert "DIR/gpqa/gpqa_diamond.jsonl" in out.stdout
     assert not Path(tmp_path / "out" / "gpqa").exists()
+
+
+def test_hub_rows_take_the_same_path_as_local_files(benchmark_dir, tmp_path, monkeypatch):
+    """What `datasets.load_dataset` returns for cais/mmlu "all" and Idavidrein/gpqa is laid out like local files."""
+    import datasets
+
+    hub = {
+        ("cais/mmlu", "all"): datasets.DatasetDict(
+            {
+                s: datasets.Dataset.from_list([r for x in SUBJECTS for r in mmlu_rows(s, x, 5)])
+                for s in ("dev", "validation", "test")
+            }
+        ),
+        ("Idavidrein/gpqa", "gpqa_diamond"): datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(gpqa_rows(6))}
+        ),
+    }
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, name: hub[(repo, name)])
+    data = prepare_mmlu(None, tmp_path / "hub")
+    assert data.source == "hub:cais/mmlu" and data.subjects == {s: 5 for s in SUBJECTS}
+    gpqa = prepare_gpqa(None, tmp_path / "hub")
+    assert gpqa.source == "hub:Idavidrein/gpqa/gpqa_diamond" and gpqa.num_rows == {"train": 6}
+    local = tmp_path / "local"
+    prepare_mmlu(write_benchmark_dir(tmp_path / "src", n_test=5), local)
+    for split in ("dev", "test"):
+        assert (tmp_path / "hub/mmlu/anatomy" / f"{split}.jsonl").read_text() == (
+            local / "mmlu/anatomy" / f"{split}.jsonl"
+        ).read_text()
