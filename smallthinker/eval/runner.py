@@ -66,6 +66,15 @@ def _check_chat_template(suite: Suite, lm: LM) -> None:
         )
 
 
+def _check_generation_budget(suite: Suite, lm: LM, budget: int | None) -> None:
+    context = getattr(lm, "max_length", None)
+    if budget is not None and context is not None and budget >= context:
+        raise EvalError(
+            f"suite {suite.name!r}: max_gen_toks {budget} leaves no room for the prompt in the model's "
+            f"{context}-token context; pass a smaller --max-gen-toks (the prompts need a few hundred tokens)"
+        )
+
+
 def evaluate_suite(
     model: str | transformers.PreTrainedModel | LM,
     suite: str,
@@ -94,6 +103,7 @@ def evaluate_suite(
     )
     lm = load_lm(model, tokenizer, batch_size=batch_size, device=device, dtype=dtype)
     _check_chat_template(spec, lm)
+    _check_generation_budget(spec, lm, max_gen_toks or spec.default_max_gen_toks)
     started = time.time()
     results = lm_eval.simple_evaluate(
         model=lm,

@@ -86,6 +86,12 @@ def test_bad_requests_are_refused_before_any_work(lm, benchmark_dir, tmp_path):
         evaluate_suite(lm, "mmlu", tmp_path)
     with pytest.raises(EvalError, match="scores log-likelihoods; max_gen_toks does not apply"):
         evaluate_suite(lm, "gpqa_diamond", tmp_path, data_dir=benchmark_dir, max_gen_toks=8)
+    with pytest.raises(
+        EvalError, match="max_gen_toks 4096 leaves no room for the prompt in the model's 2048-token"
+    ):
+        evaluate_suite(
+            lm, "gpqa_diamond_cot", tmp_path, data_dir=benchmark_dir
+        )  # default budget, tiny context
     assert not (tmp_path / "results.json").exists()
 
 
