@@ -100,6 +100,9 @@ class ExpertCache:
         self._key_of: list[Key | None] = [None] * num_slots
         self._pins = [0] * num_slots
         self._loading: list[Future | None] = [None] * num_slots
+        # Set and cleared under the lock; `Future.done()` is not usable for this, because waiters are notified
+        # from inside the read function, before its future completes.
+        self._reading = [False] * num_slots
         self._speculative = [False] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
         self._verified: set[Key] = set()
@@ -113,11 +116,7 @@ class ExpertCache:
 
     # -- slot allocation (callers hold self._cond) --------------------------------------------------------
     def _evictable(self) -> set[Key]:
-        return {
-            k
-            for k, s in self._slot_of.items()
-            if self._pins[s] == 0 and (self._loading[s] is None or self._loading[s].done())
-        }
+        return {k for k, s in self._slot_of.items() if self._pins[s] == 0 and not self._reading[s]}
 
     def _take_slot(self) -> int | None:
         if self._free:
@@ -133,6 +132,9 @@ class ExpertCache:
     def _start_read(self, key: Key, slot: int, speculative: bool) -> None:
         self._slot_of[key], self._key_of[slot] = slot, key
         self._speculative[slot] = speculative
+        if speculative:  # enters the policy as just used: it is expected to be demanded next
+            self._policy.touch(key)
+        self._reading[slot] = True
         self._loading[slot] = self._executor.submit(self._read, key, slot)
         self.stats.loads += 1
         self.stats.speculative_loads += speculative
@@ -144,6 +146,7 @@ class ExpertCache:
             self.store.read(*key, self._record(slot), verify=verify)
         except BaseException as err:
             with self._cond:  # forget the half-read slot; `get` reports the error to the MoE that waits on it
+                self._reading[slot] = False
                 del self._slot_of[key]
                 self._key_of[slot], self._pins[slot] = None, 0
                 self._policy.remove(key)
@@ -152,6 +155,7 @@ class ExpertCache:
                 self._cond.notify_all()
             raise
         with self._cond:
+            self._reading[slot] = False
             if verify:
                 self._verified.add(key)
             self.stats.bytes_read += self.record_bytes

@@ -76,16 +76,15 @@ def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 5) -> 
 
 
 def _with_live_fraction(w: dict[str, torch.Tensor], frac: float) -> dict[str, torch.Tensor]:
-    """A copy-free variant of ``w`` whose gate makes exactly ``frac`` of the neurons live for x = ones."""
+    """A variant of ``w`` whose gate makes exactly ``frac`` of the neurons live for an all-ones input."""
     key = "gate_q" if "gate_q" in w else "gate"
     gate = w[key]
-    n_live = max(1, int(frac * gate.shape[0]))
-    sign = torch.full((gate.shape[0], 1), -1, dtype=gate.dtype)
-    sign[:n_live] = 1
-    return {
-        **w,
-        key: sign.expand_as(gate).contiguous() if key == "gate" else sign.expand_as(gate).to(torch.int8),
-    }
+    sign_F1 = torch.full((gate.shape[0], 1), -1, dtype=gate.dtype)
+    sign_F1[: max(1, int(frac * gate.shape[0]))] = 1
+    probe = {**w, key: sign_F1.expand_as(gate).contiguous()}
+    if "gate_scale" in w:
+        probe["gate_scale"] = torch.ones_like(w["gate_scale"])
+    return probe
 
 
 def sparse_over_dense_time(w: dict[str, torch.Tensor], repeats: int) -> float:
