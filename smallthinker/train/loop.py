@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -106,6 +107,10 @@ class Run:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        # A second run in one single-process interpreter (tests, notebooks, benchmarks) may use another
+        # precision; accelerate keeps its state per process and refuses changes unless reset.
+        AcceleratorState._reset_state(reset_partial_state=True)
     cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
     # cpu=True is also what makes accelerate build a gloo group for CPU processes started by torchrun.
     return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=cpu)
@@ -114,6 +119,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
     saved = from_dict(TrainConfig, parse_yaml((path / "train_config.yaml").read_text()))
     now, before = to_dict(cfg), to_dict(saved)
+    for values in (now, before):  # another experts kernel computes the same function: allowed
+        values["model"].pop("experts_implementation")
     changed = [k for k in RESUME_FIXED if now[k] != before[k]]
     if changed:
         detail = "; ".join(f"{k}: checkpoint {before[k]!r} vs now {now[k]!r}" for k in changed)
@@ -220,8 +227,9 @@ def reduce_sum(run: Run, value: torch.Tensor) -> torch.Tensor:
 
 def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, Any]:
     acc, cfg, world = run.accelerator, run.cfg, run.accelerator.num_processes
-    local_items = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)  # targets after the shift
-    global_items = reduce_sum(run, torch.tensor(float(local_items), device=acc.device)).clamp_min(1.0)
+    # Target tokens after the model's shift (labels[:, 1:]), of all micro-batches, then of all ranks.
+    local_items = torch.stack([(b["labels"][:, 1:] != -100).sum() for _, b in micro]).sum().float()
+    global_items = reduce_sum(run, local_items).clamp_min(1.0)
     ce_sum = torch.zeros((), device=acc.device)
     aux_sum = torch.zeros((), device=acc.device)
     z_sum = torch.zeros((), device=acc.device)
@@ -363,8 +371,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                             tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
             if cfg.checkpoint.every and run.state.step % cfg.checkpoint.every == 0:
                 save(run)
-        if run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{run.state.step:08d}"):
-            save(run)
+        if run.last_checkpoint != ckpt.checkpoint_root(cfg.run_dir) / ckpt.step_dir_name(run.state.step):
+            save(run)  # the final state, unless the last periodic save (or the resume point) is it
     finally:
         bar.close()
         run.logger.close()

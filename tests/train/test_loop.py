@@ -209,3 +209,36 @@ def test_resume_with_incompatible_config(reference, tmp_path):
         train(tiny_config(tmp_path, "checkpoint.resume=latest"))
     with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
         train(tiny_config(tmp_path, f"checkpoint.resume={tmp_path}"))
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path):
+    fp32 = train(tiny_config(tmp_path / "fp32", "max_steps=2"))
+    bf16 = train(tiny_config(tmp_path / "bf16", "max_steps=2", "precision=bf16"))
+    for a, b in zip(fp32.history, bf16.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-2)
+        assert b["loss"] != a["loss"]  # autocast really ran in bf16
+
+
+STAGES = (
+    "data.stages=[{name: short, tokens: 256}, {name: long, tokens: 100000, seq_len: 64}]",
+    "stage_model_overrides={long: {rope_theta: 50000.0}}",
+    "schedule.total_steps=4",
+    "checkpoint.every=2",
+)
+
+
+def test_stage_switch_changes_seq_len_and_rope_and_resumes_exactly(tmp_path):
+    """Stage `short` (2 steps of 128 tokens) then `long`: 64-token rows and RoPE base 5e4."""
+    full = train(tiny_config(tmp_path / "full", *STAGES, "max_steps=4"))
+    assert [r["stage"] for r in full.history] == ["short", "short", "long", "long"]
+    assert [r["tokens_seen"] for r in full.history] == [128, 256, 512, 768]
+    model = AutoModelForCausalLM.from_pretrained(full.last_checkpoint)
+    assert model.config.rope_theta == 50000.0
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert torch.allclose(inv_freq, 1.0 / 50000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "full/run/checkpoints/step_00000002")
+    assert first.config.rope_theta == 10000.0
+    # Stopped at the stage boundary and resumed: the same numbers.
+    train(tiny_config(tmp_path / "split", *STAGES, "max_steps=2"))
+    train(tiny_config(tmp_path / "split", *STAGES, "max_steps=4", "checkpoint.resume=latest"))
+    assert losses(tmp_path / "split/run") == losses(tmp_path / "full/run")
