@@ -254,10 +254,11 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
     stats = reduce_sum(run, torch.stack([ce_sum, aux_sum / world, z_sum / world]))
     loss, aux_loss, z_loss = stats.tolist()
-    if not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(float(grad_norm))):
+    if not all(math.isfinite(v) for v in (loss, aux_loss, z_loss, float(grad_norm))):
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(
-            f"step {run.state.step + 1}: loss {loss}, balance loss {aux_loss}, gradient norm {float(grad_norm)} "
+            f"step {run.state.step + 1}: loss {loss}, balance loss {aux_loss}, z-loss {z_loss}, gradient norm "
+            f"{float(grad_norm)} "
             f"is not finite; no update was applied. The last good checkpoint is {run.last_checkpoint}; "
             "lower optim.lr or raise schedule.warmup_steps and resume from it"
         )

@@ -242,3 +242,22 @@ def test_stage_switch_changes_seq_len_and_rope_and_resumes_exactly(tmp_path):
     train(tiny_config(tmp_path / "split", *STAGES, "max_steps=2"))
     train(tiny_config(tmp_path / "split", *STAGES, "max_steps=4", "checkpoint.resume=latest"))
     assert losses(tmp_path / "split/run") == losses(tmp_path / "full/run")
+
+
+def test_router_losses_enter_once(tmp_path):
+    """A router coefficient in the model config does not reach the loss: the trainer owns those terms."""
+    plain = train(tiny_config(tmp_path / "a", "max_steps=2", "loss.balance_coef=0", "loss.z_coef=0"))
+    leaky = train(
+        tiny_config(
+            tmp_path / "b",
+            "max_steps=2",
+            "loss.balance_coef=0",
+            "loss.z_coef=0",
+            "model.overrides.router_aux_loss_coef=0.5",
+            "model.overrides.router_z_loss_coef=0.5",
+        )
+    )
+    assert [r["loss"] for r in leaky.history] == [r["loss"] for r in plain.history]
+    assert [r["grad_norm"] for r in leaky.history] == [r["grad_norm"] for r in plain.history]
+    weighted = train(tiny_config(tmp_path / "c", "max_steps=2", "loss.balance_coef=0.5", "loss.z_coef=0"))
+    assert weighted.history[0]["grad_norm"] != plain.history[0]["grad_norm"]  # the trainer's term does
