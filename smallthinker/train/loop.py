@@ -137,6 +137,16 @@ def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> No
         )
 
 
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh run must not mix its checkpoints with (and prune) those of an earlier run."""
+    found = ckpt.list_checkpoints(ckpt.checkpoint_root(run_dir))
+    if found:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (newest {found[-1].name}); continue that run with "
+            "--resume latest, or give this run another --run_dir"
+        )
+
+
 def setup(cfg: TrainConfig) -> Run:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -144,6 +154,8 @@ def setup(cfg: TrainConfig) -> Run:
     resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     if resume_path is not None:
         check_resume_compatible(cfg, resume_path, accelerator.num_processes)
+    else:
+        refuse_to_overwrite(run_dir)
     with accelerator.main_process_first():
         ensure_synthetic(cfg)
     tokenizer = load_tokenizer(tokenizer_source(cfg, resume_path))

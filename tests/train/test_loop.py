@@ -205,6 +205,11 @@ def test_resume_with_incompatible_config(reference, tmp_path):
     with pytest.raises(ConfigError, match=r"incompatible config \(micro_batch_size: checkpoint 2 vs now 4\)"):
         train(changed)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(
+        ConfigError, match="already holds checkpoints .newest step_00000006.; continue that run"
+    ):
+        train(tiny_config(reference.parent, "max_steps=2"))  # a fresh run into the reference's folder
+    assert len(losses(reference)) == 6  # untouched
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         train(tiny_config(tmp_path, "checkpoint.resume=latest"))
     with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
