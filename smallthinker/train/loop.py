@@ -262,6 +262,10 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
             run.counts_LE += expert_counts(
                 out.router_logits, run.router_losses.top_k, batch.get("attention_mask")
             )
+    every = cfg.logging.moe_metrics_every
+    layer_losses = {}
+    if every and (run.state.step + 1) % every == 0:
+        layer_losses = run.router_losses.per_layer(out.router_logits, batch.get("attention_mask"))
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
     stats = reduce_sum(run, torch.stack([ce_sum, aux_sum / world, z_sum / world]))
@@ -280,7 +284,7 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["input_ids"].numel() for _, b in micro) * world
     return {"loss": loss, "aux_loss": aux_loss, "z_loss": z_loss, "grad_norm": float(grad_norm), "lr": lr,
-            "tokens": tokens, "target_tokens": int(global_items)}  # fmt: skip
+            "tokens": tokens, "target_tokens": int(global_items), "layer_losses": layer_losses}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,6 +379,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             run.state.step += 1
             run.state.tokens_seen += stats["tokens"]
             record = step_record(run, stats, time.perf_counter() - started)
+            record.update(stats["layer_losses"])
             record.update(moe_record(run, micro[0][1]))
             if run.state.step % log.every == 0 or run.state.step == cfg.max_steps:
                 run.logger.log(record)

@@ -89,3 +89,15 @@ class RouterLosses:
         )
         z = router_z_loss(router_logits, attention_mask=attention_mask)
         return aux, z
+
+    @torch.no_grad()
+    def per_layer(
+        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
+    ) -> dict[str, list[float]]:
+        """Balance and z loss of each layer on this micro-batch alone (a diagnostic, not reduced)."""
+        aux = [
+            load_balancing_loss((r,), self.num_experts, self.top_k, self.apply_softmax, attention_mask).item()
+            for r in router_logits
+        ]
+        z = [router_z_loss((r,), attention_mask).item() for r in router_logits]
+        return {"layer_aux_loss": aux, "layer_z_loss": z}

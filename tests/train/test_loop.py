@@ -51,6 +51,7 @@ def test_reference_run_learns_and_logs(reference):
     assert [r["step"] for r in records if "zero_neuron_fraction" in r] == [3, 6]
     r = records[1]
     assert len(r["load_max"]) == 2 and len(r["expert_share"][0]) == 4
+    assert len(r["layer_aux_loss"]) == len(r["layer_z_loss"]) == 2 and min(r["layer_aux_loss"]) > 0
     assert all(abs(sum(share) - 1) < 1e-6 for share in r["expert_share"])
     assert all(0 < f < 1 for f in records[2]["zero_neuron_fraction"])
     assert (reference / "tensorboard").exists() is False  # disabled in the tiny config
