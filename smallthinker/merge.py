@@ -131,8 +131,9 @@ class _Readers:
             self._handles[key] = safe_open(str(self.checkpoints[i] / key[1]), framework="pt")
         return self._handles[key].get_tensor(name)
 
-    def release_file(self, i: int, file_name: str) -> None:
-        self._handles.pop((i, file_name), None)
+    def close_all(self) -> None:
+        """Drop every handle, and with it the mapped pages of files already read (keeps RSS at one shard)."""
+        self._handles.clear()
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -199,7 +200,8 @@ def merge_checkpoints(
                 shard[name] = combine([readers.get(i, name) for i in range(len(checkpoints))], weights, name)
                 bar.update()
             save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
-            readers.release_file(0, file_name)
+            del shard
+            readers.close_all()
         bar.close()
         _copy_side_files(checkpoints[0], tmp)
         if (checkpoints[0] / INDEX_FILE).is_file():
