@@ -1,7 +1,7 @@
 """Supervised fine-tuning with the same loop as pre-training (loss on assistant tokens only).
 
-    python -m scripts.sft --config configs/train/sft_tiny.yaml
-    python -m scripts.sft --config configs/train/sft_4b.yaml --model.init_from=PATH_TO_CHECKPOINT
+python -m scripts.sft --config configs/train/sft_tiny.yaml
+python -m scripts.sft --config configs/train/sft_4b.yaml --model.init_from=PATH_TO_CHECKPOINT
 """
 
 from __future__ import annotations
