@@ -252,7 +252,7 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
             out = run.model(
                 **batch, output_router_logits=True, use_cache=False, num_items_in_batch=global_items
             )
-            aux, z = run.router_losses(out.router_logits, batch.get("attention_mask"))
+            aux, z = run.router_losses(out, batch.get("attention_mask"))
             router = (cfg.loss.balance_coef * aux + cfg.loss.z_coef * z) / len(micro)
             acc.backward(out.loss * world + router)
         ce_sum += out.loss.detach()

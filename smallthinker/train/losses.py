@@ -14,6 +14,7 @@ gradient each rank back-propagates is its own; only the statistics it is weighte
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,19 +77,20 @@ class RouterLosses:
         self.count_reducer = build_count_reducer(cfg)
 
     def __call__(
-        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
+        self, outputs: Any, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (balance loss, z loss), each averaged over layers as the model defines them."""
+        """(balance loss, z loss) of a model output, each averaged over layers as the model defines them."""
+        if self.count_reducer is None:  # local counts: the model already computed exactly these
+            return outputs.aux_loss, outputs.z_loss
         aux = load_balancing_loss(
-            router_logits,
+            outputs.router_logits,
             self.num_experts,
             self.top_k,
             self.apply_softmax,
             attention_mask=attention_mask,
             count_reducer=self.count_reducer,
         )
-        z = router_z_loss(router_logits, attention_mask=attention_mask)
-        return aux, z
+        return aux, outputs.z_loss
 
     @torch.no_grad()
     def per_layer(

@@ -55,14 +55,16 @@ def expert_counts(
 ) -> torch.Tensor:
     """[L, E] number of tokens routed to each expert (top-k of the raw logits, padding excluded)."""
     with torch.no_grad():
-        logits_LTE = torch.stack([r.detach().float() for r in router_logits])
-        num_experts = logits_LTE.shape[-1]
-        top_LTK = logits_LTE.topk(top_k, dim=-1).indices
-        one_hot_LTKE = torch.nn.functional.one_hot(top_LTK, num_experts)
+        num_layers, num_experts = len(router_logits), router_logits[0].shape[-1]
+        top_LTK = torch.stack([r.detach().topk(top_k, dim=-1).indices for r in router_logits])
+        # One bincount over (layer, expert) pairs: no [L, T, K, E] one-hot tensor.
+        offset_L11 = torch.arange(num_layers, device=top_LTK.device)[:, None, None] * num_experts
+        weights = None
         if attention_mask is not None:
-            keep_T = attention_mask.reshape(-1).to(one_hot_LTKE.dtype)  # [B,S] -> [T]
-            one_hot_LTKE = one_hot_LTKE * keep_T[None, :, None, None]
-        return one_hot_LTKE.sum(dim=(1, 2)).float()
+            keep_T = attention_mask.reshape(-1).float()  # [B,S] -> [T]
+            weights = keep_T[None, :, None].expand(top_LTK.shape).reshape(-1)
+        flat = torch.bincount((top_LTK + offset_L11).reshape(-1), weights, minlength=num_layers * num_experts)
+        return flat.reshape(num_layers, num_experts).float()
 
 
 def load_summary(counts_LE: torch.Tensor) -> dict[str, list[float]]:
