@@ -72,6 +72,8 @@ def build_model(
         )
     if cfg.model.experts_implementation:
         model.config._experts_implementation = cfg.model.experts_implementation
+    if cfg.model.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # The trainer adds the router losses itself (with the configured balance scope): the model must
     # not add them to its loss as well.
     model.config.router_aux_loss_coef = 0.0

@@ -36,6 +36,9 @@ class ModelSection:
     """Model config fields to override (e.g. `rope_theta`, `max_position_embeddings`)."""
     experts_implementation: str | None = None
     """`eager`, `grouped_mm`, `batched_mm` or a registered name; None keeps the model's default."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: less activation memory (long-context stages)
+    for about a third more compute."""
 
 
 @dataclass

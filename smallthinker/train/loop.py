@@ -119,8 +119,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
     saved = from_dict(TrainConfig, parse_yaml((path / "train_config.yaml").read_text()))
     now, before = to_dict(cfg), to_dict(saved)
-    for values in (now, before):  # another experts kernel computes the same function: allowed
+    for values in (now, before):  # other kernels / recomputation compute the same function: allowed
         values["model"].pop("experts_implementation")
+        values["model"].pop("activation_checkpointing", None)
     changed = [k for k in RESUME_FIXED if now[k] != before[k]]
     if changed:
         detail = "; ".join(f"{k}: checkpoint {before[k]!r} vs now {now[k]!r}" for k in changed)

@@ -267,3 +267,11 @@ def test_router_losses_enter_once(tmp_path):
     assert [r["grad_norm"] for r in leaky.history] == [r["grad_norm"] for r in plain.history]
     weighted = train(tiny_config(tmp_path / "c", "max_steps=2", "loss.balance_coef=0.5", "loss.z_coef=0"))
     assert weighted.history[0]["grad_norm"] != plain.history[0]["grad_norm"]  # the trainer's term does
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    plain = train(tiny_config(tmp_path / "a", "max_steps=2"))
+    recomputed = train(tiny_config(tmp_path / "b", "max_steps=2", "model.activation_checkpointing=true"))
+    for a, b in zip(plain.history, recomputed.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
