@@ -1,0 +1,281 @@
+"""Decode speed of the offload engine on a random model with the 4B preset's shapes, against the resident model
+and transformers/accelerate disk offload at the same memory budget.
+
+Launch (one benchmark at a time on a shared machine; the 8 GB checkpoint and the stores are written once into
+--workdir and reused):
+    flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench
+    .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench --only offload --memory-budget 2.6GB -v
+
+Random weights route almost uniformly (every expert equally likely) and leave ~50 % of ReGLU neurons alive;
+trained SmallThinker weights are far more skewed (70-80 % of experts cold, 60-90 % of neurons dead), so hit
+rates and the gain of neuron sparsity measured here are the pessimistic end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from smallthinker.inference import (
+    ExpertStore,
+    convert_checkpoint,
+    load_offloaded,
+    parse_bytes,
+    plan_for_store,
+)
+from smallthinker.inference.io import DirectFile, measure_read_bandwidth
+from smallthinker.inference.stats import format_stats
+from smallthinker.modeling import load_model_config
+
+PROMPT_LEN = 16
+MAX_CONTEXT = 128  # KV reservation in the budget: prompt + warm-up + measured tokens fit
+OVERHEAD = "256MiB"
+
+
+def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: int = 0) -> Path:
+    """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there)."""
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    config = load_model_config(preset)
+    config.dtype = torch.bfloat16
+    config.save_pretrained(path)
+    gen = torch.Generator().manual_seed(seed)
+    h, f, e = config.hidden_size, config.moe_ffn_hidden_size, config.moe_num_primary_experts
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * config.initializer_range).to(torch.bfloat16)
+
+    weight_map = {}
+    shards = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(config.vocab_size, h)}}
+    shards["model-embed.safetensors"]["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    for name, tensors in shards.items():
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    for i in tqdm(range(config.num_hidden_layers), desc="random checkpoint", unit="layer"):
+        p = f"model.layers.{i}"
+        tensors = {
+            f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            f"{p}.self_attn.q_proj.weight": rand(q, h),
+            f"{p}.self_attn.k_proj.weight": rand(kv, h),
+            f"{p}.self_attn.v_proj.weight": rand(kv, h),
+            f"{p}.self_attn.o_proj.weight": rand(h, q),
+            f"{p}.block_sparse_moe.primary_router.weight": rand(e, h),
+        }
+        for j in range(e):
+            for name, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
+                tensors[f"{p}.block_sparse_moe.experts.{j}.{name}.weight"] = rand(*shape)
+        save_file(tensors, str(path / f"model-layer{i:02d}.safetensors"), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, f"model-layer{i:02d}.safetensors"))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+def ensure_store(ckpt: Path, dst: Path, quant: str) -> Path:
+    if not (dst / "manifest.json").exists():
+        convert_checkpoint(ckpt, dst, quant=quant)
+    return dst
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    """posix_fadvise(DONTNEED) on every file: the kernel forgets their cached pages (no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, tokens: int, warmup: int = 2, between=None, on_warm=None) -> float:
+    """Greedy batch-1 decode with a KV cache; times ``tokens`` single-token forwards after ``warmup`` ones."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (1, PROMPT_LEN), generator=gen)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    start = None
+    for step in range(warmup + tokens):
+        if step == warmup:
+            if on_warm is not None:
+                on_warm()
+            start = time.perf_counter()
+        if between is not None:
+            between()
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+    return tokens / (time.perf_counter() - start)
+
+
+def measure_machine(store: ExpertStore) -> dict[str, float]:
+    """Disk (O_DIRECT, 4 MiB requests), memory read and PyTorch bf16 GEMV bandwidth, in bytes/s."""
+    disk = measure_read_bandwidth(DirectFile(store.path / "experts.bin"), 1 << 30)
+    big = torch.ones(1 << 28)  # 1 GiB fp32
+    big.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        big.sum()
+    mem = 3 * big.numel() * 4 / (time.perf_counter() - start)
+    w = torch.randn(151936, 1536).to(torch.bfloat16)
+    x = torch.randn(1, 1536).to(torch.bfloat16)
+    torch.nn.functional.linear(x, w)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    gemv = 3 * w.numel() * 2 / (time.perf_counter() - start)
+    del big, w
+    return {"disk_bw": disk, "mem_read_bw": mem, "gemv_bf16_bw": gemv}
+
+
+def active_bytes_per_token(store: ExpertStore, config) -> int:
+    """Weights a dense decode step touches: resident (minus the embedding table, one row of it) + top-k experts."""
+    resident = os.path.getsize(store.path / "resident.safetensors")
+    embed = config.vocab_size * config.hidden_size * 2
+    if not config.tie_word_embeddings:
+        resident -= embed  # the embedding table is only indexed; the untied head is read in full
+    experts = config.num_hidden_layers * config.moe_num_active_primary_experts * store.record_bytes
+    return resident + experts
+
+
+def run_offloaded(name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, **kwargs) -> dict:
+    model = load_offloaded(store, memory_budget=budget, max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs)
+    engine = model.offload_engine
+    tps = decode_tokens_per_s(model, tokens, warmup=3, on_warm=engine.reset_stats)
+    stats = engine.stats()
+    ex = engine.cache.store
+    compute_s = active_bytes_per_token(ex, model.config) / machine["mem_read_bw"]
+    io_s = stats["bytes_per_token"] / machine["disk_bw"]
+    row = {
+        "config": name,
+        "tok_s": tps,
+        "hit_rate": stats["hit_rate"],
+        "MB_per_token": stats["bytes_per_token"] / 1e6,
+        "io_wait_ms_per_token": 1e3 * stats["io_wait_s"] / max(stats["tokens"], 1),
+        "roofline_tok_s": 1 / max(compute_s, io_s),
+        "slots": engine.cache.num_slots,
+        "peak_rss_GB": stats["peak_rss_bytes"] / 1e9,
+    }
+    row["of_roofline"] = row["tok_s"] / row["roofline_tok_s"]
+    if verbose:
+        print(f"--- {name}\n{format_stats(stats)}")
+    engine.close()
+    del model, engine
+    gc.collect()
+    return row
+
+
+def run_resident(ckpt: Path, tokens: int, machine, store: ExpertStore) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    tps = decode_tokens_per_s(model, tokens)
+    roof = machine["mem_read_bw"] / active_bytes_per_token(store, model.config)
+    row = {"config": f"resident ({model.config._experts_implementation} experts)", "tok_s": tps}
+    row.update(roofline_tok_s=roof, of_roofline=tps / roof)
+    del model
+    gc.collect()
+    return row
+
+
+def run_accelerate(ckpt: Path, budget: int, tokens: int, workdir: Path) -> dict:
+    folder = workdir / "accelerate-offload"
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt,
+        dtype=torch.bfloat16,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(folder),
+    ).eval()
+    on_disk = [p for p in folder.rglob("*") if p.is_file()]
+    disk_modules = sum(1 for v in model.hf_device_map.values() if v == "disk")
+    tps = decode_tokens_per_s(model, tokens, warmup=1, between=lambda: drop_page_cache(on_disk))
+    row = {
+        "config": f"accelerate disk offload ({disk_modules} modules on disk, page cache dropped)",
+        "tok_s": tps,
+    }
+    del model
+    gc.collect()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", default="/tmp/smallthinker-bench", help="checkpoint and store cache dir")
+    parser.add_argument("--tokens", type=int, default=12, help="measured decode tokens per configuration")
+    parser.add_argument("--accelerate-tokens", type=int, default=2)
+    parser.add_argument(
+        "--memory-budget", default=None, help="single offload run at this budget (e.g. 2.6GB)"
+    )
+    parser.add_argument("--only", choices=["all", "offload", "resident", "accelerate"], default="all")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the engine statistics of each run"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    ckpt = write_random_checkpoint(workdir / "checkpoint")
+    store_dir = ensure_store(ckpt, workdir / "store-bf16", "none")
+    int8_dir = ensure_store(ckpt, workdir / "store-int8", "int8")
+    store = ExpertStore(store_dir)
+    machine = measure_machine(store)
+    print({k: f"{v / 1e9:.2f} GB/s" for k, v in machine.items()})
+
+    base = plan_for_store(store_dir, "1TB", MAX_CONTEXT, OVERHEAD)
+    fixed = base.resident_bytes + base.kv_bytes + base.overhead_bytes
+
+    def budget(fraction: float) -> int:
+        return int(fixed + fraction * store.expert_bytes_total)
+
+    b25 = parse_bytes(args.memory_budget) if args.memory_budget else budget(0.25)
+    rows = []
+    if args.only in ("all", "offload"):
+        cases = [
+            ("offload 25%, prefetch, sparse", store_dir, b25, {}),
+            ("offload 25%, no prefetch, sparse", store_dir, b25, {"prefetch": False}),
+            ("offload 25%, prefetch + speculative", store_dir, b25, {"speculative": True}),
+            ("offload 25%, prefetch, dense", store_dir, b25, {"sparse": False}),
+            ("offload 25% budget, int8 store", int8_dir, b25, {}),
+        ]
+        if not args.memory_budget:
+            cases.insert(1, ("offload 50%, prefetch, sparse", store_dir, budget(0.5), {}))
+        for name, path, b, kw in cases:
+            name = f"{name} [{b / 1e9:.2f} GB]"
+            rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, **kw))
+            print(rows[-1], flush=True)
+    if args.only in ("all", "resident"):
+        rows.append(run_resident(ckpt, args.tokens, machine, store))
+        print(rows[-1], flush=True)
+    if args.only in ("all", "accelerate"):
+        rows.append(run_accelerate(ckpt, b25, args.accelerate_tokens, workdir))
+        print(rows[-1], flush=True)
+    print_table(rows, machine)
+
+
+def print_table(rows: list[dict], machine: dict[str, float]) -> None:
+    accel = next((r["tok_s"] for r in rows if r["config"].startswith("accelerate")), None)
+    cols = ["tok_s", "hit_rate", "MB_per_token", "io_wait_ms_per_token", "roofline_tok_s", "of_roofline"]
+    print("\n| configuration | " + " | ".join(cols) + (" | x accelerate |" if accel else " |"))
+    print("|---" * (len(cols) + 1 + bool(accel)) + "|")
+    for r in rows:
+        cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        ratio = [f"{r['tok_s'] / accel:.1f}"] if accel else []
+        print(f"| {r['config']} | " + " | ".join(cells + ratio) + " |")
+    print(
+        "\nmachine: disk {disk_bw:.2f} GB/s (O_DIRECT, 4 MiB), memory read {mem_read_bw:.1f} GB/s, "
+        "PyTorch bf16 GEMV {gemv_bf16_bw:.1f} GB/s".format(**{k: v / 1e9 for k, v in machine.items()})
+    )
+
+
+if __name__ == "__main__":
+    main()
