@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-budget", default=None, help="single offload run at this budget (e.g. 2.6GB)"
     )
     parser.add_argument("--only", choices=["all", "offload", "resident", "accelerate"], default="all")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; on a busy shared 2-core machine 2 OpenMP threads run 20x slower than 1",
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the engine statistics of each run"
     )
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             ("offload 25%, prefetch, sparse", store_dir, b25, {}),
             ("offload 25%, no prefetch, sparse", store_dir, b25, {"prefetch": False}),
             ("offload 25%, prefetch + speculative", store_dir, b25, {"speculative": True}),
-            ("offload 25%, prefetch, dense", store_dir, b25, {"sparse": False}),
+            ("offload 25%, prefetch, dense experts", store_dir, b25, {"sparse": False}),
+            ("offload 25%, prefetch, always neuron-sparse", store_dir, b25, {"sparse_threshold": 1.0}),
             ("offload 25% budget, int8 store", int8_dir, b25, {}),
         ]
         if not args.memory_budget:

@@ -37,7 +37,17 @@ from smallthinker.inference.store import RESIDENT_FILE, ExpertStore, load_reside
 from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM
 
 DEFAULT_OVERHEAD = "128MiB"  # activations, logits, routing and allocator slack reserved inside the budget
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 class MemoryBudgetError(ValueError):

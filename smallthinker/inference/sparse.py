@@ -29,9 +29,7 @@ def reglu_dense(x_TH: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         u_TF = int8_linear(x_TH, w["up_q"], w["up_scale"])
         return int8_linear(u_TF * F.relu(g_TF), w["down_q"], w["down_scale"])
     h_TF = F.linear(x_TH, w["up"]) * F.relu(F.linear(x_TH, w["gate"]))
-    if x_TH.shape[0] == 1:  # a GEMV on the transposed view is several times faster than [1,F] @ [F,H]
-        return torch.mv(w["down_t"].t(), h_TF[0])[None]
-    return h_TF @ w["down_t"]
+    return F.linear(h_TF, w["down_t"].t())
 
 
 def reglu_decode(x_1H: torch.Tensor, w: dict[str, torch.Tensor], threshold: float) -> torch.Tensor:
@@ -51,16 +49,16 @@ def reglu_decode(x_1H: torch.Tensor, w: dict[str, torch.Tensor], threshold: floa
         h_1F = torch.zeros_like(g_1F)
         h_1F[0, live_N] = u_1N[0] * g_N
         return int8_linear(h_1F, w["down_q"], w["down_scale"])
-    u_N = F.linear(x_1H, w["up"].index_select(0, live_N))[0]
-    return torch.mv(w["down_t"].index_select(0, live_N).t(), u_N * g_N)[None]
+    u_1N = F.linear(x_1H, w["up"].index_select(0, live_N))
+    # Rows of down^T are contiguous, so the gather is a plain row copy (columns of down would be strided).
+    return F.linear(u_1N * g_N, w["down_t"].index_select(0, live_N).t())
 
 
 def _finish_dense(x_1H: torch.Tensor, g_1F: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     if "gate_q" in w:
         u_1F = int8_linear(x_1H, w["up_q"], w["up_scale"])
         return int8_linear(u_1F * F.relu(g_1F), w["down_q"], w["down_scale"])
-    h_F = (F.linear(x_1H, w["up"]) * F.relu(g_1F))[0]
-    return torch.mv(w["down_t"].t(), h_F)[None]
+    return F.linear(F.linear(x_1H, w["up"]) * F.relu(g_1F), w["down_t"].t())
 
 
 def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 5) -> float:
