@@ -33,6 +33,7 @@ from smallthinker.inference import (
     plan_for_store,
 )
 from smallthinker.inference.io import DirectFile, measure_read_bandwidth
+from smallthinker.inference.quality import compare_quantisation, load_token_sequences
 from smallthinker.inference.stats import format_stats
 from smallthinker.modeling import load_model_config
 
@@ -224,11 +225,30 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads; on a busy shared 2-core machine 2 OpenMP threads run 20x slower than 1",
     )
     parser.add_argument(
+        "--quant-eval", default=None, help="trained checkpoint: int8 vs bf16 experts quality only"
+    )
+    parser.add_argument("--quant-eval-text", default="data/generated/synthetic/corpus/validation.jsonl")
+    parser.add_argument("--quant-eval-docs", type=int, default=200)
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the engine statistics of each run"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
+    if args.quant_eval:
+        sequences = load_token_sequences(args.quant_eval, args.quant_eval_text, args.quant_eval_docs)
+        rows = compare_quantisation(args.quant_eval, workdir / "quant-eval", sequences)
+        tokens = sum(s.shape[1] for s in sequences)
+        print(f"\n{len(sequences)} documents, {tokens} tokens of {args.quant_eval_text}")
+        print(
+            "| experts | perplexity | max abs logit err | rel logit err (L2) | top-1 agreement |\n|---|---|---|---|---|"
+        )
+        for r in rows:
+            print(
+                f"| {r['experts']} | {r['perplexity']:.4f} | {r['max_abs_logit_err']:.4f} | "
+                f"{r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
+            )
+        return
     ckpt = write_random_checkpoint(workdir / "checkpoint")
     store_dir = ensure_store(ckpt, workdir / "store-bf16", "none")
     int8_dir = ensure_store(ckpt, workdir / "store-int8", "int8")
