@@ -12,6 +12,7 @@ Record layouts (see ``store.record_layout``): ``gate [F, H]``, ``up [F, H]``, ``
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -61,7 +62,7 @@ def _finish_dense(x_1H: torch.Tensor, g_1F: torch.Tensor, w: dict[str, torch.Ten
     return F.linear(F.linear(x_1H, w["up"]) * F.relu(g_1F), w["down_t"].t())
 
 
-def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 5) -> float:
+def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 7) -> float:
     """Largest live-neuron fraction at which the sparse path beats the dense one on this machine (0 if none).
 
     ``w`` is any record-shaped expert (e.g. a cache slot's views); its values do not matter for timing.
@@ -86,15 +87,19 @@ def _with_live_fraction(w: dict[str, torch.Tensor], frac: float) -> dict[str, to
 
 
 def sparse_over_dense_time(w: dict[str, torch.Tensor], repeats: int) -> float:
-    """Time(sparse) / time(dense) for ``w`` on the all-ones input."""
+    """Median over ``repeats`` of time(sparse) / time(dense) for ``w`` on the all-ones input.
+
+    The two paths alternate call by call so that load from other processes hits both alike.
+    """
     gate = w["gate_q"] if "gate_q" in w else w["gate"]
     dtype = w["gate_scale"].dtype if "gate_q" in w else gate.dtype
     ones = torch.ones(1, gate.shape[1], dtype=dtype)
-    times = []
-    for threshold in (1.0, -1.0):  # 1.0 forces sparse, -1.0 forces dense
-        reglu_decode(ones, w, threshold)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    ratios = []
+    for _ in range(repeats + 1):
+        times = []
+        for threshold in (1.0, -1.0):  # 1.0 forces sparse, -1.0 forces dense
+            start = time.perf_counter()
             reglu_decode(ones, w, threshold)
-        times.append(time.perf_counter() - start)
-    return times[0] / max(times[1], 1e-12)
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / max(times[1], 1e-12))
+    return statistics.median(ratios[1:])  # the first round is a warm-up
