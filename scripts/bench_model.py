@@ -32,7 +32,7 @@ from transformers import DynamicCache, PreTrainedModel, Qwen3MoeConfig, Qwen3Moe
 from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OUR_IMPLS = ["eager", "grouped_mm", "batched_mm"]
+OUR_IMPLS = ["eager", "grouped_mm", "batched_mm", "sorted_mm"]
 QWEN_IMPLS = ["eager", "grouped_mm"]
 
 

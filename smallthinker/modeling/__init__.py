@@ -1,5 +1,6 @@
 """The SmallThinker model. Importing this package registers it with transformers' Auto classes."""
 
+from . import experts  # noqa: F401  (registers the "sorted_mm" experts implementation)
 from .configuration_smallthinker import SmallThinkerConfig
 from .modeling_smallthinker import (
     SmallThinkerForCausalLM,
