@@ -102,3 +102,29 @@ def test_chat_suite_needs_a_chat_template(tiny_model, tokenizer, benchmark_dir, 
     lm = SmallThinkerLM(pretrained=tiny_model, tokenizer=base_tokenizer)
     with pytest.raises(EvalError, match="renders prompts with the chat template, but the tokenizer has none"):
         evaluate_suite(lm, "mmlu_cot", tmp_path, data_dir=benchmark_dir, max_gen_toks=4)
+
+
+@pytest.mark.parametrize(
+    ("suite", "n"),
+    [("mmlu_continuation", 4), ("gpqa_diamond_continuation", 4)],
+)
+def test_continuation_suites_score_the_answer_texts(lm, benchmark_dir, tmp_path, suite, n):
+    record = evaluate_suite(
+        lm, suite, tmp_path, data_dir=benchmark_dir, limit=2 if suite.startswith("mmlu") else 4
+    )
+    head = record["headline"]
+    assert head["n_samples"] == n and 0.0 <= head["value"] <= 1.0
+    samples = read_samples(tmp_path / "samples.jsonl")
+    for s in samples:
+        prompt, continuations = s["arguments"][0][0], [a[1] for a in s["arguments"]]
+        assert prompt.rstrip().endswith("Answer:") and "Question: " in prompt and "(A)" not in prompt
+        assert all(c.startswith(" the ") for c in continuations)  # the choice texts, not letters
+        gold = continuations[s["target"]].strip()
+        doc = s["doc"]
+        assert gold == (
+            doc["choices"][doc["answer"]]
+            if "choices" in doc and "Correct Answer" not in doc
+            else doc["Correct Answer"]
+        )
+        loglikelihoods = [resp[0][0] for resp in s["resps"]]
+        assert s["acc"] == float(max(range(4), key=loglikelihoods.__getitem__) == s["target"])
