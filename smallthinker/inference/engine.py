@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smallthinker.inference.cache import ExpertCache
+from smallthinker.inference.cache import CacheStats, ExpertCache
 from smallthinker.inference.sparse import (
     DEFAULT_SPARSE_THRESHOLD,
     calibrate_sparse_threshold,
@@ -167,8 +167,6 @@ class OffloadEngine:
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        from smallthinker.inference.cache import CacheStats
-
         self.cache.stats = CacheStats()
         self.tokens, self.moe_s = 0, 0.0
 
