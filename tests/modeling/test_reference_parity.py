@@ -29,7 +29,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm", "sorted_mm"]
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa"]
 BATCH, SEQ = 2, 24  # 24 > the 21B-style window of 8
 
@@ -139,7 +139,7 @@ def cfg_without_meta(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")}
 
 
-@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm", "sorted_mm"])
 def test_bf16_logits_close_to_reference(official, experts: str, tmp_path: Path) -> None:
     """bf16 weights on disk, as published: ours in bf16 vs the reference in bf16 on the same weights.
 
@@ -177,7 +177,9 @@ def test_bf16_eager_path_is_bit_exact_with_reference(official, tmp_path: Path) -
     torch.testing.assert_close(ours, reference_logits(sd16, cfg, ids), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("experts", "attn"), [("grouped_mm", "sdpa"), ("eager", "eager")])
+@pytest.mark.parametrize(
+    ("experts", "attn"), [("grouped_mm", "sdpa"), ("eager", "eager"), ("sorted_mm", "sdpa")]
+)
 def test_greedy_generate_with_cache_matches_reference(official, experts: str, attn: str) -> None:
     """KV-cached decoding past the sliding window equals recomputing the reference on the whole prefix."""
     cfg, sd, directory = official
