@@ -78,7 +78,8 @@ def build_model(
     # not add them to its loss as well.
     model.config.router_aux_loss_coef = 0.0
     model.config.router_z_loss_coef = 0.0
-    model.config.use_cache = False
+    # Training forwards pass use_cache=False per call (packed documents stay separate only without a cache);
+    # the config keeps use_cache so saved checkpoints generate with a KV cache.
     return model
 
 

@@ -136,7 +136,7 @@ def neuron_sparsity(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[fl
     model.eval()
     try:
         with _zero_neuron_hooks(model, stats):
-            model(**{k: v for k, v in batch.items() if k != "labels"})
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
     finally:
         model.train(was_training)
     return [zeros / max(1, total) for zeros, total in stats]
