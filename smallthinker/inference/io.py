@@ -120,5 +120,6 @@ def measure_read_bandwidth(file: DirectFile, nbytes: int, chunk: int = 4 << 20) 
     for offset in range(0, nbytes, chunk):
         _pread_into(file.fd, view, offset)
     elapsed = time.perf_counter() - start
+    view.release()
     mm.close()
     return nbytes / max(elapsed, 1e-9)
