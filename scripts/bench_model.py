@@ -2,8 +2,8 @@
 
 Launch (one benchmark at a time on a shared machine):
     flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_model
-    flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_model --dtypes bf16 --impls grouped_mm \
-        --profile grouped_mm
+    flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_model --layers 1 --dtypes bf16 \
+        --profile grouped_mm eager --profile-only
 
 Shapes: the real SmallThinker-4B layer (hidden 1536, 12/2 heads, head_dim 128, 32 experts top-4, FFN 768),
 ``--layers`` layers, vocab 8192 so the MoE dominates. Training step = forward + backward of the HF causal-LM
@@ -265,8 +265,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-rounds", type=int, default=3, help="round-robin decode rounds (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--profile", choices=OUR_IMPLS, help="also profile one training step of ours with this impl"
+        "--profile",
+        nargs="+",
+        default=[],
+        choices=OUR_IMPLS,
+        help="profile one training step of ours per impl",
     )
+    p.add_argument("--profile-only", action="store_true", help="skip the throughput table, only profile")
     return p.parse_args()
 
 
@@ -277,16 +282,17 @@ def main() -> None:
     print(
         f"threads={torch.get_num_threads()} batch={args.batch}x{args.seq} layers={s.layers} vocab={s.vocab}"
     )
-    rows = []
-    for dtype_name in args.dtypes:
-        rows += measure_dtype(s, dtype_name, args)
-    print()
-    print(markdown_table(rows))
-    print()
-    print(goals(rows))
-    if args.profile:
+    if not args.profile_only:
+        rows = []
         for dtype_name in args.dtypes:
-            profile_step(s, args.profile, dtype_name, args)
+            rows += measure_dtype(s, dtype_name, args)
+        print()
+        print(markdown_table(rows))
+        print()
+        print(goals(rows))
+    for dtype_name in args.dtypes:
+        for impl in args.profile:
+            profile_step(s, impl, dtype_name, args)
 
 
 if __name__ == "__main__":
