@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,33 +316,51 @@ def moe_record(run: Run, first_batch: dict[str, torch.Tensor]) -> dict[str, Any]
     return record
 
 
+def agreed_error(run: Run, action: Callable[[], object]) -> OSError | None:
+    """Run a disk action on this rank; every rank learns whether any rank failed, so none waits
+    forever at the next barrier for a rank that gave up."""
+    error = None
+    try:
+        action()
+    except OSError as e:
+        error = e
+    failed = reduce_sum(run, torch.tensor(float(error is not None), device=run.accelerator.device))
+    if error is None and failed.item() > 0:
+        error = OSError(
+            f"another rank could not write its part of the checkpoint (ranks failed: {failed.item():.0f})"
+        )
+    return error
+
+
 def save(run: Run) -> Path:
     """Write a checkpoint on every rank; raises CheckpointError (previous checkpoints intact) on OSError."""
     acc, root, step = run.accelerator, ckpt.checkpoint_root(run.cfg.run_dir), run.state.step
     tmp = ckpt.temp_dir_for(root, step)
-    try:
-        if acc.is_main_process:
-            ckpt.prepare_temp_dir(root, step)
-        acc.wait_for_everyone()
-        model_state = acc.get_state_dict(run.model)  # a collective under FSDP
-        optimizer_state = optimizer_state_dict(run)
+    main = acc.is_main_process
+    # Collectives first (gathers under FSDP), then disk I/O whose failures all ranks agree on.
+    model_state = acc.get_state_dict(run.model)
+    optimizer_state = optimizer_state_dict(run)
+
+    def write_parts() -> None:
         ckpt.write_rank_files(tmp, acc.process_index, run.stream.state_dict())
-        if acc.is_main_process:
+        if main:
             config_yaml = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
             ckpt.write_main_files(tmp, run.unwrapped, model_state, run.tokenizer, optimizer_state,
                                   run.scheduler.state_dict(), config_yaml)  # fmt: skip
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.publish(tmp, run.state, run.cfg.checkpoint.keep_last)
-        acc.wait_for_everyone()
-    except OSError as e:
-        if acc.is_main_process:
+
+    error = agreed_error(run, lambda: ckpt.prepare_temp_dir(root, step) if main else None)
+    error = error or agreed_error(run, write_parts)
+    error = error or agreed_error(
+        run, lambda: ckpt.publish(tmp, run.state, run.cfg.checkpoint.keep_last) if main else None
+    )
+    if error is not None:
+        if main:
             ckpt.discard_temp(root, step)
         raise ckpt.CheckpointError(
-            f"writing the checkpoint of step {step} under {root} failed ({e}); earlier checkpoints are "
+            f"writing the checkpoint of step {step} under {root} failed ({error}); earlier checkpoints are "
             f"intact, the newest is {run.last_checkpoint}. Free disk space and resume with "
             "--checkpoint.resume=latest"
-        ) from e
+        ) from error
     run.last_checkpoint = root / ckpt.step_dir_name(step)
     return run.last_checkpoint
 
