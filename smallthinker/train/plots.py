@@ -24,7 +24,8 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     ax_aux = ax_loss.twinx()
     ax_aux.plot(steps, [r["aux_loss"] for r in records], color="tab:orange", alpha=0.6, label="balance loss")
     ax_aux.set_ylabel("balance loss (1 = balanced)")
-    ax_loss.legend(loc="upper right")
+    handles = ax_loss.get_legend_handles_labels()[0] + ax_aux.get_legend_handles_labels()[0]
+    ax_loss.legend(handles=handles, loc="upper right")
     ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
     ax_lr.set_ylabel("LR")
     ax_lr.set_xlabel("optimizer step")
