@@ -236,12 +236,15 @@ class SmallThinkerExperts(nn.Module):
         with torch.no_grad():
             hit_E = torch.zeros(self.num_experts, dtype=torch.bool, device=hidden_states.device)
             hit_E[top_k_index.reshape(-1)] = True
+        # One unbind instead of indexing per expert: the backward of `param[e]` would build, zero-fill and add a
+        # gradient the size of the whole 3-D tensor for every expert; unbind's backward stacks them once.
+        gate_up_FH, down_HF = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         # Ascending expert order and accumulation in the activation dtype, as the official implementation does.
         for expert in hit_E.nonzero().flatten().tolist():
             token_idx, k_pos = torch.where(top_k_index == expert)
             x = hidden_states[token_idx]
-            gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            gate, up = F.linear(x, gate_up_FH[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, down_HF[expert])
             y = y * top_k_weights[token_idx, k_pos, None]
             out_TH.index_add_(0, token_idx, y.to(out_TH.dtype))
         return out_TH
