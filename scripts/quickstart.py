@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data", type=Path, default=Path("data/generated/synthetic"), help="synthetic data folder"
     )
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per task (per MMLU subject)")
     parser.add_argument("--reduced", action="store_true", help="short run (CI): few steps, few questions")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")

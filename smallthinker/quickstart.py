@@ -47,8 +47,8 @@ OFFLOAD_OVERHEAD = "512KiB"
 class QuickstartConfig:
     out_dir: Path = Path("runs/quickstart")
     data_dir: Path = Path("data/generated/synthetic")
-    pretrain_steps: int = 300
-    sft_steps: int = 200
+    pretrain_steps: int = 600
+    sft_steps: int = 300
     eval_limit: int | None = None
     """Questions per task (per MMLU subject) in the lm-eval runs; None = all."""
     heldout_questions: int = 48
