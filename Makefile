@@ -13,8 +13,9 @@ TORCH := torch==2.13.0
 .PHONY: setup demo test lint
 setup: .venv/.installed
 
+# The demo replaces runs/quickstart from an earlier demo.
 demo: setup
-	$(PY) -m scripts.quickstart
+	$(PY) -m scripts.quickstart --overwrite
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu"
