@@ -1,12 +1,14 @@
 """Behaviour of the SmallThinker model: experts paths, caches, masks, routing, losses, generation, loading."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
-from smallthinker.modeling.modeling_smallthinker import route
+from smallthinker.modeling.modeling_smallthinker import official_tensor_shapes, route
 
 IMPLS = ["eager", "grouped_mm", "batched_mm"]
 
@@ -293,3 +295,34 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
     save_file(broken, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"q_proj\.weight: file \(10, 128\)"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "active"),
+    [("smallthinker-4b", 4.035, 0.631), ("smallthinker-21b", 21.51, 2.94)],
+)
+def test_official_shapes_give_the_published_parameter_counts(preset, total, active):
+    """Totals count each stored embedding matrix; active = everything but embeddings and the unused experts."""
+    config = load_model_config(preset)
+    shapes = official_tensor_shapes(config)
+    n_total = sum(math.prod(s) for s in shapes.values())
+    n_body = n_total - sum(math.prod(s) for n, s in shapes.items() if "embed" in n or "lm_head" in n)
+    per_expert = 3 * config.hidden_size * config.moe_ffn_hidden_size
+    inactive = config.num_hidden_layers * (
+        config.moe_num_primary_experts - config.moe_num_active_primary_experts
+    )
+    assert round(n_total / 1e9, 3 if total < 10 else 2) == total
+    assert round((n_body - inactive * per_expert) / 1e9, 3 if active < 1 else 2) == active
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (
+        config.num_key_value_heads * 128,
+        config.hidden_size,
+    )
+    assert ("lm_head.weight" in shapes) is not config.tie_word_embeddings
+
+
+def test_saved_files_hold_exactly_the_official_tensors(tmp_path):
+    for preset in ("tiny-4b-style", "tiny-21b-style"):
+        model = tiny(preset)
+        model.save_pretrained(tmp_path / preset)
+        saved = {n: tuple(t.shape) for n, t in load_file(tmp_path / preset / "model.safetensors").items()}
+        assert saved == official_tensor_shapes(model.config)
