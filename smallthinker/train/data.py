@@ -396,6 +396,10 @@ class TrainStream:
             )
 
 
+# Batch key of a [B, S] 1/0 mask of real (non-padding) tokens; model inputs never include it.
+TOKEN_MASK = "token_mask"
+
+
 def to_batch(input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray) -> dict[str, torch.Tensor]:
     return {
         "input_ids": torch.from_numpy(input_ids),

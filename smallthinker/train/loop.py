@@ -46,6 +46,7 @@ from smallthinker.train.config import (
     save_train_config,
     to_dict,
 )
+from smallthinker.train.data import TOKEN_MASK
 from smallthinker.train.losses import RouterLosses
 from smallthinker.train.metrics import (
     MetricsLogger,
@@ -249,25 +250,27 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     z_sum = torch.zeros((), device=acc.device)
     for i, (stage, batch) in enumerate(micro):
         enter_stage(run, stage)
+        # Real tokens for the router losses and expert counts: the stream's padding mask, else the attention mask.
+        token_mask = batch.pop(TOKEN_MASK, None)
+        if token_mask is None:
+            token_mask = batch.get("attention_mask")
         sync = i == len(micro) - 1  # all-reduce gradients only after the last micro-batch
         with contextlib.nullcontext() if sync else acc.no_sync(run.model):
             out = run.model(
                 **batch, output_router_logits=True, use_cache=False, num_items_in_batch=global_items
             )
-            aux, z = run.router_losses(out, batch.get("attention_mask"))
+            aux, z = run.router_losses(out, token_mask)
             router = (cfg.loss.balance_coef * aux + cfg.loss.z_coef * z) / len(micro)
             acc.backward(out.loss * world + router)
         ce_sum += out.loss.detach()
         aux_sum += aux.detach() / len(micro)
         z_sum += z.detach() / len(micro)
         if run.counts_LE is not None:
-            run.counts_LE += expert_counts(
-                out.router_logits, run.router_losses.top_k, batch.get("attention_mask")
-            )
+            run.counts_LE += expert_counts(out.router_logits, run.router_losses.top_k, token_mask)
     every = cfg.logging.moe_metrics_every
     layer_losses = {}
     if every and (run.state.step + 1) % every == 0:
-        layer_losses = run.router_losses.per_layer(out.router_logits, batch.get("attention_mask"))
+        layer_losses = run.router_losses.per_layer(out.router_logits, token_mask)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
     stats = reduce_sum(run, torch.stack([ce_sum, aux_sum / world, z_sum / world]))

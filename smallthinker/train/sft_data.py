@@ -26,6 +26,7 @@ from datasets import Dataset, IterableDataset
 
 from smallthinker.train.data import (
     STATE_VERSION,
+    TOKEN_MASK,
     Cursor,
     TrainStream,
     check_fields,
@@ -263,7 +264,7 @@ class PackedChatStream(TrainStream):
             stacklevel=3,
         )
 
-    def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One row [S]: conversations while they fit, then padding; position ids restart per conversation."""
         s = self.cfg.seq_len
         ids, labels, starts = [], [], []
@@ -282,12 +283,23 @@ class PackedChatStream(TrainStream):
         ids += [self.pad_id] * n_pad
         labels += [-100] * n_pad
         starts += ([True] + [False] * (n_pad - 1)) if n_pad else []  # padding is a document of its own
-        return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), np.asarray(starts)
+        real = [True] * (s - n_pad) + [False] * n_pad
+        return (
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(labels, dtype=np.int64),
+            np.asarray(starts),
+            np.asarray(real),
+        )
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         rows = [self._next_row() for _ in range(self.micro_batch_size)]
-        ids_BS, labels_BS, starts_BS = (np.stack(parts) for parts in zip(*rows))
-        return to_batch(ids_BS, labels_BS, positions_from_starts(starts_BS))
+        ids_BS, labels_BS, starts_BS, real_BS = (np.stack(parts) for parts in zip(*rows))
+        batch = to_batch(ids_BS, labels_BS, positions_from_starts(starts_BS))
+        # Which tokens are conversation rather than row padding. Not an attention mask (a 2-D mask would turn
+        # off transformers' packed-sequence detection from the position ids): the trainer pops it and uses it to
+        # keep padding out of the router losses and expert-load counts.
+        batch[TOKEN_MASK] = torch.from_numpy(real_BS.astype(np.int64))
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -222,6 +222,10 @@ def test_packed_conversations_do_not_attend_to_each_other(tmp_path, tok):
             :, second_start:second_end
         ]
         alone = model(second, use_cache=False).logits
+        token_mask = batch.pop("token_mask")
         loss_packed = model(**batch, use_cache=False).loss
+    # The padding mask: conversations first, padding only at the end of a row, every trained label inside.
+    assert bool((token_mask[:, 1:] <= token_mask[:, :-1]).all())
+    assert bool((token_mask[batch["labels"] != -100] == 1).all())
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(loss_packed)
