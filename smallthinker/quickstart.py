@@ -187,12 +187,15 @@ def _offload_chat(merged: Path, out: Path, question: str, prompt: str, fraction:
 
 def _plot_offload(offload: dict[str, Any], path: Path) -> Path:
     runs = offload["runs"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    labels = [f"{r['budget_bytes'] / 1e6:.1f} MB\n({r['expert_share']:.0%} experts)" for r in runs]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    labels = [
+        f"{r['budget_bytes'] / 1e6:.1f} MB\n{r['expert_slots']} of {offload['total_experts']} experts"
+        for r in runs
+    ]
     ax.bar(labels, [r["hit_rate"] for r in runs], color="#4c72b0")
     ax.set_ylim(0, 1)
     ax.set_ylabel("expert cache hit rate")
-    ax.set_title(f"Offloaded decode (model {offload['model_bytes'] / 1e6:.1f} MB)")
+    ax.set_title(f"Offloaded decode: budget vs hit rate (model {offload['model_bytes'] / 1e6:.1f} MB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
