@@ -11,14 +11,6 @@ from smallthinker.modeling.modeling_smallthinker import SmallThinkerExperts
 H, F, E = 16, 12, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def experts(dtype: torch.dtype = torch.float32, seed: int = 0) -> SmallThinkerExperts:
     torch.manual_seed(seed)
     config = load_model_config(

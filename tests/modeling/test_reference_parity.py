@@ -19,16 +19,6 @@ import smallthinker.modeling  # noqa: F401  (registers the model with the Auto c
 from tests.modeling.official_checkpoint import LAYOUTS, official_state_dict, write_official_checkpoint
 from tests.modeling.reference_forward import reference_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine extra OpenMP threads only add spin-wait (20x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm", "sorted_mm"]
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa"]
 BATCH, SEQ = 2, 24  # 24 > the 21B-style window of 8

@@ -16,23 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from smallthinker.modeling import SmallThinkerForCausalLM
 from tests.modeling.official_checkpoint import OFFICIAL_21B_STYLE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine extra OpenMP threads only add spin-wait (20x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CHILD = r'''
 import importlib.abc
