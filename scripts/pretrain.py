@@ -1,16 +1,9 @@
-"""Pre-train SmallThinker with the shared training loop.
+"""Alias of `smallthinker pretrain` (same arguments; `smallthinker pretrain --help` shows them with examples).
 
-    python -m scripts.pretrain --config configs/train/pretrain_tiny.yaml
-    python -m scripts.pretrain --config configs/train/pretrain_tiny.yaml --resume latest
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m scripts.pretrain \
-        --config configs/train/pretrain_4b.yaml
+python -m scripts.pretrain --help
 """
 
-from __future__ import annotations
-
-import sys
-
-from smallthinker.train.cli import main
+from smallthinker.cli import alias
 
 if __name__ == "__main__":
-    main(sys.argv[1:], "pretrain", __doc__)
+    alias("pretrain")

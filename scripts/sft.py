@@ -1,14 +1,9 @@
-"""Supervised fine-tuning with the same loop as pre-training (loss on assistant tokens only).
+"""Alias of `smallthinker sft` (same arguments; `smallthinker sft --help` shows them with examples).
 
-python -m scripts.sft --config configs/train/sft_tiny.yaml
-python -m scripts.sft --config configs/train/sft_4b.yaml --model.init_from=PATH_TO_CHECKPOINT
+python -m scripts.sft --help
 """
 
-from __future__ import annotations
-
-import sys
-
-from smallthinker.train.cli import main
+from smallthinker.cli import alias
 
 if __name__ == "__main__":
-    main(sys.argv[1:], "sft", __doc__)
+    alias("sft")

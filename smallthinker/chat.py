@@ -6,6 +6,7 @@ a conversation; `chat_repl` is the interactive loop of `scripts/chat.py`.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -67,10 +68,15 @@ class ChatReply:
         return (self.new_tokens - 1) / span if self.new_tokens > 1 and span > 0 else float("nan")
 
     def stats_line(self) -> str:
+        # A one-token reply has no decode phase: its rate is not a number worth printing.
+        decode = (
+            f"decode {self.decode_tokens_per_s:.2f} tok/s, "
+            if math.isfinite(self.decode_tokens_per_s)
+            else ""
+        )
         return (
             f"[{self.new_tokens} tokens in {self.seconds:.2f} s: {self.tokens_per_s:.2f} tok/s, "
-            f"decode {self.decode_tokens_per_s:.2f} tok/s, prompt {self.prompt_tokens} tokens, "
-            f"first token {self.first_token_seconds:.2f} s]"
+            f"{decode}prompt {self.prompt_tokens} tokens, first token {self.first_token_seconds:.2f} s]"
         )
 
 
@@ -204,6 +210,8 @@ def load_chat_model(
     offload: bool = False,
     memory_budget: str = "1GB",
     dtype: str | None = None,
+    max_context: int = 4096,
+    overhead: str = "128MiB",
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint directory, or from an expert store with `offload=True`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -223,25 +231,18 @@ def load_chat_model(
         warnings.warn(f"{path} has no chat template; using ChatML.", stacklevel=2)
         tokenizer.chat_template = CHATML_TEMPLATE
     if offload:
-        return _load_offloaded(path, memory_budget), tokenizer
+        return _load_offloaded(path, memory_budget, max_context, overhead), tokenizer
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.eval(), tokenizer
 
 
-def _load_offloaded(path: Path, memory_budget: str) -> Any:
-    try:
-        from smallthinker.inference import load_offloaded
-    except ImportError:
-        try:
-            from smallthinker.inference.engine import load_offloaded
-        except ImportError as e:
-            raise RuntimeError(
-                f"--offload needs smallthinker.inference.load_offloaded, unavailable here: {e}"
-            ) from e
+def _load_offloaded(path: Path, memory_budget: str, max_context: int, overhead: str) -> Any:
+    from smallthinker.inference import load_offloaded
+
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(
             f"{path} is not an expert store (no manifest.json): convert the checkpoint first with "
-            "smallthinker.inference.store.convert_checkpoint(checkpoint_dir, store_dir)."
+            f"smallthinker convert-store --src CHECKPOINT --dst {path}"
         )
-    return load_offloaded(path, memory_budget=memory_budget)
+    return load_offloaded(path, memory_budget=memory_budget, max_context=max_context, overhead=overhead)

@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,10 @@ from smallthinker.inference import convert_checkpoint, load_offloaded, minimum_b
 from smallthinker.merge import merge_checkpoints  # noqa: E402
 from smallthinker.synthetic import prepare_synthetic  # noqa: E402
 from smallthinker.synthetic.instructions import heldout_exact_match  # noqa: E402
-from smallthinker.train.config import load_train_config  # noqa: E402
+from smallthinker.train.config import RECIPES_DIR, load_train_config  # noqa: E402
 from smallthinker.train.loop import train  # noqa: E402
 from smallthinker.train.plots import plot_run  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 # The tiny model's context and activations are small: reserving the engine's defaults (a 4096-token KV cache,
 # 128 MiB of activations) would dwarf its weights and hide the point, a budget smaller than the model.
 OFFLOAD_CONTEXT = 512
@@ -56,6 +55,11 @@ class QuickstartConfig:
     expert_cache_fraction: float = 0.25
     """Share of the expert bytes the offload budget leaves room for (on top of the minimum)."""
     overwrite: bool = False
+
+
+def reduced(cfg: QuickstartConfig) -> QuickstartConfig:
+    """The short run the tests use: every stage, few steps and questions."""
+    return replace(cfg, pretrain_steps=20, sft_steps=10, eval_limit=4, heldout_questions=4)
 
 
 @dataclass
@@ -86,7 +90,7 @@ def _prepare_out(cfg: QuickstartConfig) -> None:
 
 
 def _train(preset: str, run_dir: Path, steps: int, data_dir: Path, source: str, extra: list[str]) -> Path:
-    """Run a `configs/train` preset with its data source and run folder moved under the quickstart's folders."""
+    """Run a shipped training recipe with its data source and run folder moved under the quickstart's folders."""
     overrides = [
         f"run_dir={run_dir}",
         f"max_steps={steps}",
@@ -95,7 +99,7 @@ def _train(preset: str, run_dir: Path, steps: int, data_dir: Path, source: str, 
         "logging.tensorboard=false",
         *extra,
     ]
-    result = train(load_train_config(CONFIGS / preset, overrides))
+    result = train(load_train_config(RECIPES_DIR / preset, overrides))
     return result.last_checkpoint
 
 

@@ -44,7 +44,7 @@ How to provide the data:
       DIR/gpqa/gpqa_diamond.jsonl
           {"Question": str, "Correct Answer": str, "Incorrect Answer 1": str, ... 2, ... 3, "Record ID": str}
     (e.g. `datasets.load_dataset("cais/mmlu", "all")[split].to_json(...)` on a machine with network),
-  * or the offline synthetic benchmarks in these schemas: `python -m scripts.make_synthetic --out DIR`,
+  * or the offline synthetic benchmarks in these schemas: `python -m scripts.make_synthetic --out DIR` in a source checkout,
     then --data DIR/benchmarks."""
 
 

@@ -254,7 +254,7 @@ class ExpertStore:
         if not manifest_path.exists():
             raise StoreError(
                 f"{self.path} has no {MANIFEST}; convert the checkpoint first: "
-                f"python -m scripts.convert_store --src CHECKPOINT --dst {self.path}"
+                f"smallthinker convert-store --src CHECKPOINT --dst {self.path}"
             )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .configuration_smallthinker import SmallThinkerConfig
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def list_presets() -> list[str]:

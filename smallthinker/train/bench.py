@@ -22,8 +22,6 @@ from smallthinker.train.config import load_train_config
 from smallthinker.train.loop import Run, next_micro_batches, setup, train_step
 from smallthinker.train.metrics import flops_per_token
 
-REPO = Path(__file__).resolve().parents[2]
-
 # Bench shapes. "small": the real 4B layer (hidden 1536, 12/2 heads, head_dim 128, 32 experts top-4,
 # FFN 768), 4 layers, vocab 8192 so the MoE dominates: the ANCHORS.md training-step shape.
 SHAPES: dict[str, list[str]] = {
@@ -67,7 +65,7 @@ def bench_shape(shape: str, precision: str, steps: int, warmup: int, run_root: P
         "logging.tensorboard=false", "logging.progress_bar=false", "logging.neuron_sparsity_every=0",
         f"max_steps={steps + warmup}",
     ]  # fmt: skip
-    run: Run = setup(load_train_config(REPO / "configs/train/pretrain_tiny.yaml", overrides))
+    run: Run = setup(load_train_config("pretrain_tiny", overrides))
     bare = copy.deepcopy(run.unwrapped)
     bare_optimizer = torch.optim.AdamW(bare.parameters(), lr=1e-4, foreach=False)
     loop_times, bare_times, tokens = [], [], 0

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from smallthinker.integrity import checkpoint_problem, normalise_file_modes
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "train_config.yaml", "rng_rank0.pt", "data_rank0.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -62,12 +66,16 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
     """`latest` -> newest complete checkpoint of the run; otherwise a checkpoint directory path."""
     if resume == "latest":
         found = list_checkpoints(checkpoint_root(run_dir))
-        if not found:
-            raise CheckpointError(
-                f"--checkpoint.resume=latest: no complete checkpoint in {checkpoint_root(run_dir)}; "
-                "start without resume or point at a checkpoint directory"
-            )
-        return found[-1]
+        for path in reversed(found):
+            problem = resume_problem(path)
+            if problem is None:
+                return path
+            # A checkpoint damaged after it was published (disk fault, partial copy): an older one still works.
+            print(f"skipping the incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+        raise CheckpointError(
+            f"resume latest: no intact checkpoint in {checkpoint_root(run_dir)}; "
+            "start without resume or point --resume at a checkpoint directory"
+        )
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
@@ -75,6 +83,14 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
             "use --model.init_from instead"
         )
     return path
+
+
+def resume_problem(path: Path) -> str | None:
+    """What keeps a published checkpoint from being resumed (None when its files are all there and intact)."""
+    missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    return checkpoint_problem(path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -138,6 +154,7 @@ def write_main_files(
 ) -> None:
     """Rank 0: model (save_pretrained), tokenizer, optimizer, scheduler and run config."""
     model_to_save.save_pretrained(tmp, state_dict=model_state)
+    normalise_file_modes(tmp)  # save_pretrained writes weights through a 0600 temporary file
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")

@@ -1,6 +1,7 @@
 """Typed training configuration: YAML presets, dotted CLI overrides, and the saved resolved config.
 
-A run is described by one `TrainConfig`. Presets live in `configs/train/*.yaml`; any field can be
+A run is described by one `TrainConfig`. Recipes ship with the package in `smallthinker/configs/train/*.yaml`
+(named by file stem: `pretrain_tiny`, `sft_4b`, ...); any field can be
 overridden on the command line with `--section.field=value` (values are parsed as YAML, so
 `--optim.lr=3e-4`, `--loss.balance_scope=dp_group`, `--model.overrides={rope_theta: 1.0e6}` all work).
 The resolved config is written to `RUN_DIR/config.yaml` and into every checkpoint.
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+"""The training recipes shipped as package data (also reachable as `configs/train/` in a source checkout)."""
 
 Precision = Literal["fp32", "bf16"]
 BalanceScope = Literal["micro_batch", "global_batch", "dp_group"]
@@ -258,13 +262,28 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A YAML file path, or the name of a shipped recipe (`pretrain_tiny`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if not path.suffix and (RECIPES_DIR / f"{path.name}.yaml").is_file() and path.name == str(name_or_path):
+        return RECIPES_DIR / f"{path.name}.yaml"
+    raise ConfigError(
+        f"config file {name_or_path} does not exist; give a YAML file or one of the recipes {list_recipes()}"
+    )
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML preset (or start from defaults when `path` is None) and apply dotted overrides."""
+    """Read a YAML recipe (a path or a shipped recipe name; defaults when `path` is None) and apply dotted
+    overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; presets are in configs/train/")
+        path = resolve_recipe(path)
         values = parse_yaml(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")

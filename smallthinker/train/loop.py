@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from smallthinker.train.config import (
     to_dict,
 )
 from smallthinker.train.data import TOKEN_MASK
+from smallthinker.train.interrupt import StopOnSignal
 from smallthinker.train.losses import RouterLosses
 from smallthinker.train.metrics import (
     MetricsLogger,
@@ -82,6 +84,10 @@ class TrainResult:
     last_checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
     """Metrics records logged by this process (all of them on the main process)."""
+    start_step: int = 0
+    """The step the run started (or resumed) at."""
+    stopped_by: int | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run early after checkpointing, None when it ran to the end."""
 
 
 @dataclass
@@ -384,14 +390,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train until `max_steps` (or the end of the data stages), checkpointing along the way."""
     run = setup(cfg)
     acc, log = run.accelerator, cfg.logging
-    acc.print(yaml.safe_dump({"resolved config": to_dict(cfg)}, sort_keys=False))
+    acc.print(f"{cfg.task}: resolved config in {Path(cfg.run_dir) / 'config.yaml'}")
     if log.moe_metrics_every:
         num_layers, num_experts = run.unwrapped.config.num_hidden_layers, run.router_losses.num_experts
         run.counts_LE = torch.zeros(num_layers, num_experts, device=acc.device)
     history: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not (log.progress_bar and acc.is_main_process),
                desc=cfg.task, dynamic_ncols=True)  # fmt: skip
+    start_step, stop = run.state.step, StopOnSignal()
     try:
+        stop.__enter__()
         while run.state.step < cfg.max_steps:
             started = time.perf_counter()
             micro = next_micro_batches(run)
@@ -412,9 +420,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                             tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
             if cfg.checkpoint.every and run.state.step % cfg.checkpoint.every == 0:
                 save(run)
+            if stop_agreed(run, stop):
+                break
         if run.last_checkpoint != ckpt.checkpoint_root(cfg.run_dir) / ckpt.step_dir_name(run.state.step):
             save(run)  # the final state, unless the last periodic save (or the resume point) is it
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         run.logger.close()
-    return TrainResult(run.state.step, run.state.tokens_seen, run.last_checkpoint, history)
+    return TrainResult(run.state.step, run.state.tokens_seen, run.last_checkpoint, history, start_step,
+                       stop.signum)  # fmt: skip
+
+
+def stop_agreed(run: Run, stop: StopOnSignal) -> bool:
+    """Whether any rank got a stop signal: all ranks then leave the loop after the same step."""
+    flag = torch.tensor(float(stop.signum is not None), device=run.accelerator.device)
+    requested = reduce_sum(run, flag).item() > 0
+    if requested and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank's scheduler stopped the job
+    return requested

@@ -1,21 +1,20 @@
-"""Entry points: `scripts.evaluate`, and lm-eval finding `--model smallthinker` by name."""
+"""Entry points: `smallthinker evaluate`, and lm-eval finding `--model smallthinker` by name."""
 
 from __future__ import annotations
 
 import json
 
 import lm_eval
-import pytest
 from lm_eval.tasks import TaskManager
 from transformers import LlamaConfig
 
-from scripts.evaluate import main
+from smallthinker.cli import main
 
 from .conftest import mmlu_rows, write_benchmark_dir, write_jsonl
 
 
 def test_evaluate_script_then_lm_eval_by_model_name(checkpoint, benchmark_dir, tmp_path, capsys):
-    main(["--suite", "gpqa_diamond,mmlu", "--model", str(checkpoint), "--data", str(benchmark_dir),
+    main(["evaluate", "--suite", "gpqa_diamond,mmlu", "--model", str(checkpoint), "--data", str(benchmark_dir),
           "--limit", "2", "--out", str(tmp_path), "--batch-size", "4"])  # fmt: skip
     printed = capsys.readouterr().out
     for suite, n in (("gpqa_diamond", 2), ("mmlu", 4)):
@@ -41,13 +40,13 @@ def test_evaluate_script_then_lm_eval_by_model_name(checkpoint, benchmark_dir, t
     )
 
 
-def expect_exit(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert message in str(exit_info.value.code)
+def test_script_errors_are_clear(checkpoint, benchmark_dir, tmp_path, capsys):
+    def expect_exit(argv: list[str], message: str) -> None:
+        assert main(["evaluate", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("smallthinker evaluate: error: ") and err.count("\n") == 1, err
+        assert message in err
 
-
-def test_script_errors_are_clear(checkpoint, benchmark_dir, tmp_path):
     common = ["--data", str(benchmark_dir), "--out", str(tmp_path / "out")]
     expect_exit(
         ["--suite", "mmlu_zeroshot", "--model", str(checkpoint), *common],

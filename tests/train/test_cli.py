@@ -1,4 +1,4 @@
-"""The offline default: the tiny presets run end to end from an empty folder (synthetic data made on
+"""The offline default: `smallthinker pretrain` / `sft` run the tiny recipes end to end from an empty folder (synthetic data made on
 the fly, no downloads); pre-training lowers the loss well below its start; SFT continues from it."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from smallthinker.train.cli import main
-from smallthinker.train.config import ConfigError
+from smallthinker.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 # The tiny preset, shortened: 60 steps of 4 x 64 tokens.
@@ -25,17 +24,21 @@ def fresh_machine(tmp_path_factory):
     root = tmp_path_factory.mktemp("fresh")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        result = main(["--config", str(REPO / "configs/train/pretrain_tiny.yaml"), *SHORT], "pretrain")
-    return root, result
+        assert main(["pretrain", "--config", "pretrain_tiny", *SHORT]) == 0
+    return root, root / "runs/pretrain_tiny"
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def test_pretrain_tiny_runs_offline_and_learns(fresh_machine):
-    root, result = fresh_machine
-    assert result.step == 60 and (root / "data/generated/synthetic/manifest.json").is_file()
-    losses = [r["loss"] for r in result.history]
+    root, run = fresh_machine
+    records = logged(run)
+    assert records[-1]["step"] == 60 and (root / "data/generated/synthetic/manifest.json").is_file()
+    losses = [r["loss"] for r in records]
     assert losses[0] == pytest.approx(math.log(2048), abs=0.3)  # uniform over the synthetic vocabulary
     assert sum(losses[-5:]) / 5 < losses[0] - 2.0
-    run = root / "runs/pretrain_tiny"
     saved = (run / "config.yaml").read_text()
     assert "tiny-4b-style" in saved and "seq_len: 64" in saved  # the resolved config, overrides applied
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000030", "step_00000060"]
@@ -46,10 +49,12 @@ def test_sft_tiny_continues_from_the_checkpoint(fresh_machine, monkeypatch):
     root, _ = fresh_machine
     monkeypatch.chdir(root)
     init = root / "runs/pretrain_tiny/checkpoints/step_00000060"
-    result = main(["--config", str(REPO / "configs/train/sft_tiny.yaml"), f"--model.init_from={init}",
+    status = main(["sft", "--config", str(REPO / "configs/train/sft_tiny.yaml"), f"--model.init_from={init}",
                    "--max_steps=12", "--data.seq_len=128", "--micro_batch_size=4", "--optim.lr=2e-3",
-                   "--schedule.warmup_steps=2", "--logging.progress_bar=false"], "sft")  # fmt: skip
-    first, last = result.history[0], result.history[-1]
+                   "--schedule.warmup_steps=2", "--logging.progress_bar=false"])  # fmt: skip
+    assert status == 0
+    records = logged(root / "runs/sft_tiny")
+    first, last = records[0], records[-1]
     # SFT loss is on assistant tokens only: far fewer targets than tokens.
     assert 0 < first["target_tokens"] < 4 * 128 / 2
     assert last["loss"] < first["loss"]
@@ -60,9 +65,11 @@ def test_sft_tiny_continues_from_the_checkpoint(fresh_machine, monkeypatch):
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 12
 
 
-def test_entry_point_checks_the_task(fresh_machine, monkeypatch):
+def test_entry_point_checks_the_task(fresh_machine, monkeypatch, capsys):
     monkeypatch.chdir(fresh_machine[0])
-    with pytest.raises(ConfigError, match="is a 'pretrain' config; this entry point runs 'sft'"):
-        main(["--config", str(REPO / "configs/train/pretrain_tiny.yaml")], "sft")
-    with pytest.raises(SystemExit):
-        main(["--config", str(REPO / "configs/train/pretrain_tiny.yaml"), "max_steps=3"], "pretrain")
+    assert main(["sft", "--config", "pretrain_tiny"]) == 2
+    assert capsys.readouterr().err == (
+        "smallthinker sft: error: pretrain_tiny is a pretrain recipe; run it with `smallthinker pretrain`\n"
+    )
+    assert main(["pretrain", "--config", "pretrain_tiny", "max_steps=3"]) == 2
+    assert "config overrides are written --section.field=value" in capsys.readouterr().err
