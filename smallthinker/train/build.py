@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM, load_model_config
+from smallthinker.modeling.modeling_smallthinker import reset_rope
 from smallthinker.train.config import ConfigError, TrainConfig
 
 VOCAB_MULTIPLE = 64  # pad a fresh model's vocabulary to a GEMM-friendly size
@@ -104,12 +105,7 @@ def apply_model_overrides(model: torch.nn.Module, overrides: dict[str, Any]) -> 
         if not hasattr(model.config, key):
             raise ConfigError(f"stage_model_overrides: the model config has no field {key!r}")
         setattr(model.config, key, value)
-    for module in model.modules():
-        if hasattr(module, "compute_default_rope_parameters") and hasattr(module, "inv_freq"):
-            inv_freq = module.compute_default_rope_parameters(module.config)[0]
-            module.inv_freq.copy_(inv_freq.to(module.inv_freq.device))
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq.copy_(inv_freq.to(module.inv_freq.device))
+    reset_rope(model)
 
 
 # ------------------------------------------------------------------------------------------------
