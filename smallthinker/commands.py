@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smallthinker.integrity import CheckpointFileError, model_family_problem, require_smallthinker_checkpoint
-
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
 
 
@@ -70,6 +68,8 @@ def looks_like_hub_id(value: str) -> bool:
 
 def require_checkpoint(value: str, what: str) -> Path:
     """A local, intact SmallThinker checkpoint directory (CheckpointFileError naming the problem otherwise)."""
+    from smallthinker.integrity import require_smallthinker_checkpoint
+
     path = Path(value)
     if not path.exists():
         raise UsageError(f"{what} {value} does not exist")
@@ -317,6 +317,12 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_chat_model(args: argparse.Namespace) -> None:
+    from smallthinker.integrity import (
+        CheckpointFileError,
+        model_family_problem,
+        require_smallthinker_checkpoint,
+    )
+
     path = Path(args.model)
     if not path.exists():
         raise UsageError(f"--model {args.model} does not exist")

@@ -1,7 +1,7 @@
 """Checks of checkpoint files on disk, made before loading them, so a bad file is named instead of failing
 deep inside a loader: truncated or corrupted safetensors files, configs of other model families.
 
-A leaf module (standard library only): training, inference and the apps all use it.
+Training, inference and the apps all use it; it reads only files and the model's own identification rule.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import os
 import struct
 from pathlib import Path
 
-SMALLTHINKER_MODEL_TYPE = "smallthinker"
-SMALLTHINKER_ARCHITECTURES = ("SmallThinkerForCausalLM", "SmallThinkerModel")
+from smallthinker.modeling.configuration_smallthinker import (
+    SMALLTHINKER_ARCHITECTURES,
+    is_smallthinker_config,
+)
+
 # A safetensors file starts with the byte length of its JSON header (little-endian u64); headers above
 # this size are not plausible and mean the file is not safetensors at all.
 MAX_HEADER_BYTES = 100 * 2**20
@@ -83,14 +86,12 @@ def model_family_problem(checkpoint: Path) -> str | None:
         values = json.loads((checkpoint / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         return f"cannot read {checkpoint / 'config.json'} ({err})"
-    model_type = values.get("model_type")
-    architectures = values.get("architectures") or []
-    if model_type == SMALLTHINKER_MODEL_TYPE or set(architectures) & set(SMALLTHINKER_ARCHITECTURES):
+    if is_smallthinker_config(values):
         return None
     return (
-        f"{checkpoint} is not a SmallThinker checkpoint (model_type={model_type!r}, "
-        f"architectures={architectures}); expected model_type {SMALLTHINKER_MODEL_TYPE!r} or architectures "
-        f"{list(SMALLTHINKER_ARCHITECTURES)}"
+        f"{checkpoint} is not a SmallThinker checkpoint (model_type={values.get('model_type')!r}, "
+        f"architectures={values.get('architectures') or []}); expected model_type 'smallthinker' or "
+        f"architectures {list(SMALLTHINKER_ARCHITECTURES)}"
     )
 
 
