@@ -1,7 +1,13 @@
-# Two entry points: `make demo` runs the main job, `make test` runs the test suite.
-# Both create .venv and install what is needed (torch pinned to the CPU build).
+# Every target creates .venv first (torch pinned to the CPU build) and runs inside it.
 PY := .venv/bin/python
 TORCH := torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-fast lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "Then run any job with .venv/bin/smallthinker COMMAND (.venv/bin/smallthinker --help lists them)."
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -10,15 +16,16 @@ TORCH := torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test lint
-setup: .venv/.installed
+setup: .venv/.installed ## create .venv and install the package with its dev tools (CPU torch)
 
-# The demo replaces runs/quickstart from an earlier demo.
-demo: setup
-	$(PY) -m scripts.quickstart --overwrite
+demo: setup ## the whole pipeline offline on a tiny model, into runs/quickstart (replaces an earlier demo)
+	.venv/bin/smallthinker demo --overwrite
 
-test: setup
+test: setup ## the test suite, slow tests included (CPU, no network)
 	$(PY) -m pytest -q -m "not gpu"
 
-lint: setup
+test-fast: setup ## the test suite without the slow tests
+	$(PY) -m pytest -q -m "not gpu and not slow"
+
+lint: setup ## ruff lint and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -537,7 +537,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from smallthinker.quickstart import QuickstartConfig, reduced, run_quickstart, summary_table
+    from smallthinker.quickstart import (
+        QuickstartConfig,
+        offload_chat_command,
+        reduced,
+        run_quickstart,
+        summary_table,
+    )
 
     cfg = QuickstartConfig(
         out_dir=args.out, data_dir=args.data, eval_limit=args.eval_limit, overwrite=args.overwrite
@@ -550,6 +556,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print(summary_table(report))
     print(f"\nreport: {cfg.out_dir / 'report.md'}")
+    print(
+        f"chat with the offloaded model at its minimum budget:\n  {offload_chat_command(cfg.out_dir, report.numbers['offload'])}"
+    )
     return 0
 
 

@@ -1,7 +1,9 @@
-"""The reduced quickstart runs end to end in a real subprocess and its report shows every stage."""
+"""The reduced demo (`smallthinker demo --reduced`) runs end to end in a real subprocess and its report shows
+every stage."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,8 @@ def run(tmp_path_factory) -> Path:
     cmd = [
         sys.executable,
         "-m",
-        "scripts.quickstart",
+        "smallthinker",
+        "demo",
         "--reduced",
         "--out",
         str(out),
@@ -77,11 +80,28 @@ def test_plots_and_checkpoints_are_written(run):
 
 def test_refuses_to_overwrite_an_existing_run(run):
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.quickstart", "--reduced", "--out", str(run)],
+        [sys.executable, "-m", "smallthinker", "demo", "--reduced", "--out", str(run)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "report.md").is_file()  # nothing was lost
+
+
+def test_the_reported_minimum_budget_is_what_chat_accepts(run):
+    """The report's chat command at the minimum budget runs; one byte less is refused with the same minimum."""
+    command = (run / "report.md").read_text().split("```bash\n", 1)[1].split("\n```", 1)[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["smallthinker", "chat"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "smallthinker", *argv[1:], "--max-new-tokens", "4"], env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    budget = argv.index("--memory-budget") + 1
+    minimum = int(argv[budget])
+    argv[budget] = str(minimum - 1)
+    refused = subprocess.run([sys.executable, "-m", "smallthinker", *argv[1:]], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2 and f"({minimum} bytes)" in refused.stderr

@@ -10,12 +10,24 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from smallthinker.train.metrics import read_metrics  # noqa: E402
 
 
-def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
+def run_label(run_dir: Path) -> str:
+    """`NAME (pre-training)` / `NAME (SFT)`: plot titles say which run and which stage they show."""
+    task = None
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        task = (yaml.safe_load(config.read_text()) or {}).get("task")
+    stage = {"pretrain": "pre-training", "sft": "SFT"}.get(task, task)
+    name = run_dir.resolve().name
+    return f"{name} ({stage})" if stage else name
+
+
+def plot_loss(records: list[dict[str, Any]], out: Path, label: str = "") -> Path:
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     ax_loss.plot(steps, [r["loss"] for r in records], label="LM loss")
@@ -29,11 +41,13 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
     ax_lr.set_ylabel("LR")
     ax_lr.set_xlabel("optimizer step")
-    fig.suptitle("Training loss")
+    fig.suptitle(f"{label}: training loss and learning rate" if label else "Training loss and learning rate")
     return _save(fig, out / "loss.png")
 
 
-def plot_expert_load(records: list[dict[str, Any]], out: Path, max_layers: int = 16) -> Path | None:
+def plot_expert_load(
+    records: list[dict[str, Any]], out: Path, max_layers: int = 16, label: str = ""
+) -> Path | None:
     """One heatmap per layer: each expert's share of the routed tokens (x: step, y: expert).
 
     Bright rows are hot experts, dark rows cold ones; the colour scale is relative to a uniform
@@ -58,17 +72,19 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path, max_layers: int =
                           extent=[steps[0], steps[-1], num_experts - 0.5, -0.5])  # fmt: skip
         ax.set_title(f"layer {layer}", fontsize="small")
         ax.set_ylabel("expert")
+        ax.set_xlabel("optimizer step")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, label="load / uniform")
-    fig.suptitle("Expert load per layer (share of routed tokens)")
+    title = "expert load per layer (share of routed tokens)"
+    fig.suptitle(f"{label}: {title}" if label else title[0].upper() + title[1:])
     fig.savefig(out / "expert_load.png", dpi=110)
     plt.close(fig)
     return out / "expert_load.png"
 
 
-def plot_load_balance(records: list[dict[str, Any]], out: Path) -> Path | None:
+def plot_load_balance(records: list[dict[str, Any]], out: Path, label: str = "") -> Path | None:
     """Per-layer max/min load and normalised entropy over steps."""
     rows = [r for r in records if "load_max" in r]
     if not rows:
@@ -86,14 +102,16 @@ def plot_load_balance(records: list[dict[str, Any]], out: Path) -> Path | None:
         for layer in range(num_layers):
             ax.plot(steps, [r[key][layer] for r in rows], color=colors[layer], label=f"layer {layer}")
         ax.set_title(title)
+        ax.set_ylabel(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     if num_layers <= 8:
         axes[0].legend(fontsize="small")
+    fig.suptitle(f"{label}: expert load balance per layer" if label else "Expert load balance per layer")
     return _save(fig, out / "load_balance.png")
 
 
-def plot_neuron_sparsity(records: list[dict[str, Any]], out: Path) -> Path | None:
+def plot_neuron_sparsity(records: list[dict[str, Any]], out: Path, label: str = "") -> Path | None:
     rows = [r for r in records if "zero_neuron_fraction" in r]
     if not rows:
         return None
@@ -106,7 +124,8 @@ def plot_neuron_sparsity(records: list[dict[str, Any]], out: Path) -> Path | Non
     ax.set_ylim(0, 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("fraction of relu(gate) == 0")
-    ax.set_title("ReGLU neuron sparsity in routed experts")
+    title = "ReGLU neuron sparsity in routed experts"
+    ax.set_title(f"{label}: {title}" if label else title)
     ax.grid(alpha=0.3)
     if num_layers <= 16:
         ax.legend(fontsize="small", ncol=2)
@@ -127,10 +146,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         raise ValueError(f"{run_dir}/metrics.jsonl is empty: the run has not logged a step yet")
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    label = run_label(Path(run_dir))
     made = [
-        plot_loss(records, out),
-        plot_expert_load(records, out),
-        plot_load_balance(records, out),
-        plot_neuron_sparsity(records, out),
+        plot_loss(records, out, label),
+        plot_expert_load(records, out, label=label),
+        plot_load_balance(records, out, label),
+        plot_neuron_sparsity(records, out, label),
     ]
     return [p for p in made if p is not None]
