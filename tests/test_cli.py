@@ -189,6 +189,14 @@ def test_store_errors_budget_and_overwrite(checkpoint, tmp_path, capsys):
     assert "nan" not in capsys.readouterr().out
 
     experts = store / "experts.bin"
+    data = bytearray(experts.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64 * [0x5A])  # a corrupted block inside one expert
+    experts.write_bytes(bytes(data))
+    corrupted = error_of(
+        [*chat, "--memory-budget", "1GB", "--max-context", "64", "--temperature", "0"], capsys
+    )
+    assert corrupted.startswith("smallthinker chat: error: checksum mismatch for layer ")
+    assert corrupted.endswith("the store is corrupted, re-run the conversion")
     os.truncate(experts, experts.stat().st_size // 2)
     assert "is truncated" in error_of([*chat, "--memory-budget", "1GB"], capsys)
     assert error_of(["chat", "--model", str(checkpoint), "--offload", "--prompt", "hi"], capsys) == (
