@@ -253,19 +253,21 @@ def split_masks(micro: list[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.
 
 
 def step_load(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]], masks: list) -> Any:
-    """The step's expert load for scopes that span micro-batches, routed in the model state of each micro-batch."""
+    """The step's expert load for balance scopes that span micro-batches (None otherwise): each micro-batch is
+    routed in its own data stage's model state, then the model is put back in the first one's."""
     if not run.losses.spans_micro_batches or len(micro) == 1:
         return None
     stage, config = run.stage, run.unwrapped.config
     keys = {k for s, _ in micro for k in run.cfg.stage_model_overrides.get(s, {})}
     before = {k: getattr(config, k) for k in keys}
-    for stage_i, _ in micro:
+    loads = []
+    for (stage_i, batch), mask in zip(micro, masks):
         enter_stage(run, stage_i, quiet=True)
-    with autocast(run):
-        load = run.losses.step_load(run.model, [b for _, b in micro], masks)
-    apply_model_overrides(run.unwrapped, before)  # back to the first micro-batch's state
+        with autocast(run):
+            loads.append(run.losses.routing_load(run.model, batch, mask))
+    apply_model_overrides(run.unwrapped, before)
     run.stage = stage
-    return load
+    return run.losses.span_load(loads)
 
 
 def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, Any]:

@@ -147,26 +147,23 @@ class TrainingLosses:
         return float(self.world_size)
 
     @torch.no_grad()
-    def step_load(
-        self,
-        model: torch.nn.Module,
-        batches: Sequence[dict[str, torch.Tensor]],
-        masks: Sequence[torch.Tensor | None],
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Expert assignment counts [L, E] and real-token count of the whole span (all micro-batches, the scope's
-        ranks), from a gradient-free routing pass; None where the forward can reduce them itself (one micro-batch)
-        or the scope is micro_batch."""
-        if not self.spans_micro_batches or len(batches) == 1:
-            return None
-        counts_LE, tokens = None, None
-        for batch, mask in zip(batches, masks):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            # logits_to_keep=1: only the routing is wanted, not the LM head over every position.
-            out = model(**inputs, output_router_logits=True, use_cache=False, logits_to_keep=1)
-            counts = expert_counts(out.router_logits, self.top_k, mask)
-            real = token_mask(mask, out.router_logits[0].shape[0], counts.device).sum().reshape(1)
-            counts_LE = counts if counts_LE is None else counts_LE + counts
-            tokens = real if tokens is None else tokens + real
+    def routing_load(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert assignment counts [L, E] and real-token count of one micro-batch, from a gradient-free forward."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        # logits_to_keep=1: only the routing is wanted, not the LM head over every position.
+        out = model(**inputs, output_router_logits=True, use_cache=False, logits_to_keep=1)
+        counts_LE = expert_counts(out.router_logits, self.top_k, mask)
+        tokens = token_mask(mask, out.router_logits[0].shape[0], counts_LE.device).sum().reshape(1)
+        return counts_LE, tokens
+
+    def span_load(
+        self, loads: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's expert load: the micro-batches' `routing_load`s summed, then over the scope's ranks."""
+        counts_LE = torch.stack([c for c, _ in loads]).sum(0)
+        tokens = torch.stack([t for _, t in loads]).sum(0)
         if self.count_reducer is not None:
             counts_LE, tokens = self.count_reducer(counts_LE), self.count_reducer(tokens)
         return counts_LE, tokens
