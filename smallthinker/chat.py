@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers import AutoTokenizer, TextStreamer
+
+from smallthinker.inference import load_offloaded
+from smallthinker.inference.store import MANIFEST
+from smallthinker.modeling import SmallThinkerForCausalLM
+from smallthinker.tokenizer import CHATML_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
 
@@ -214,10 +219,6 @@ def load_chat_model(
     overhead: str = "128MiB",
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint directory, or from an expert store with `offload=True`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import smallthinker.modeling  # noqa: F401 - registers the SmallThinker classes with the Auto* factories
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a checkpoint directory.")
@@ -226,23 +227,20 @@ def load_chat_model(
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"No tokenizer in {path} ({e}): save one next to the checkpoint.") from e
     if tokenizer.chat_template is None:
-        from smallthinker.tokenizer import CHATML_TEMPLATE
-
         warnings.warn(f"{path} has no chat template; using ChatML.", stacklevel=2)
         tokenizer.chat_template = CHATML_TEMPLATE
     if offload:
         return _load_offloaded(path, memory_budget, max_context, overhead), tokenizer
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    # Our class, not the Auto one: it also reads the published 21B config.json, which has no model_type.
+    model = SmallThinkerForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.eval(), tokenizer
 
 
 def _load_offloaded(path: Path, memory_budget: str, max_context: int, overhead: str) -> Any:
-    from smallthinker.inference import load_offloaded
-
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
-            f"{path} is not an expert store (no manifest.json): convert the checkpoint first with "
+            f"{path} is not an expert store (no {MANIFEST}): convert the checkpoint first with "
             f"smallthinker convert-store --src CHECKPOINT --dst {path}"
         )
     return load_offloaded(path, memory_budget=memory_budget, max_context=max_context, overhead=overhead)

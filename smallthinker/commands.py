@@ -77,13 +77,17 @@ def require_checkpoint(value: str, what: str) -> Path:
 
 
 def check_data_sources(cfg: Any) -> None:
-    """Local data files named by the config must exist and hold something."""
+    """Local data files named by the config must exist and hold something (files inside the synthetic data
+    folder are made when the run starts)."""
+    synthetic = Path(cfg.synthetic_dir).resolve() if cfg.synthetic_dir else None
     for source in cfg.data.get("sources") or []:
         raw = source.get("path") if isinstance(source, dict) else None
         if not raw or looks_like_hub_id(str(raw)):
             continue
         path = Path(raw)
         if not path.exists():
+            if synthetic is not None and path.resolve().is_relative_to(synthetic):
+                continue
             if path.suffix in DATA_SUFFIXES or "/" in str(raw):
                 raise UsageError(f"data source {raw} does not exist; fix --data.sources or the recipe")
             continue
@@ -144,18 +148,16 @@ def load_run_config(args: argparse.Namespace, task: str) -> Any:
     return cfg
 
 
-def prepare_inputs(cfg: Any, verbose: bool) -> None:
-    """Synthetic data when the recipe names it (made once, offline), then checks of data and start weights."""
-    if cfg.synthetic_dir:
-        from smallthinker.synthetic import prepare_synthetic
-
-        started = time.perf_counter()
-        paths = prepare_synthetic(cfg.synthetic_dir)
-        if verbose or time.perf_counter() - started > 1.0:
-            say(f"synthetic data in {paths['root']}")
+def check_inputs(cfg: Any) -> None:
+    """The data and start weights a run names, before any heavy library loads."""
     check_data_sources(cfg)
     init = cfg.model.init_from
     if init and not cfg.checkpoint.resume and not looks_like_hub_id(init):
+        if not Path(init).exists():
+            raise UsageError(
+                f"model.init_from {init} does not exist; train it first (e.g. `smallthinker pretrain`) or pass "
+                "--model.init_from=CHECKPOINT_DIR"
+            )
         require_checkpoint(init, "model.init_from")
 
 
@@ -239,14 +241,16 @@ def render_plots(run_dir: Path) -> Path | None:
 
 def run_training(args: argparse.Namespace, task: str) -> int:
     cfg = load_run_config(args, task)
-    prepare_inputs(cfg, args.verbose)
+    check_inputs(cfg)
     resume_path = resolve_resume(cfg)
     if finished_already(cfg, resume_path):
         return 0
+    from smallthinker.synthetic.prepare import prepare_for_run
     from smallthinker.train.loop import train
 
     started = time.perf_counter()
-    result = train(cfg)
+    # The synthetic corpus and tokenizer a recipe names are made on first use (main process first).
+    result = train(cfg, prepare_for_run)
     args.result = result  # for callers that run the command in-process (tests, notebooks)
     if result.stopped_by is not None:
         name = signal.Signals(result.stopped_by).name

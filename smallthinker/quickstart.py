@@ -16,23 +16,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import smallthinker.modeling  # noqa: E402,F401  (registers the model)
-from smallthinker.chat import SamplingConfig, chat_once  # noqa: E402
-from smallthinker.eval import evaluate_suite  # noqa: E402
-from smallthinker.inference import convert_checkpoint, load_offloaded, minimum_budget  # noqa: E402
-from smallthinker.merge import merge_checkpoints  # noqa: E402
-from smallthinker.synthetic import prepare_synthetic  # noqa: E402
-from smallthinker.synthetic.instructions import heldout_exact_match  # noqa: E402
-from smallthinker.train.config import RECIPES_DIR, load_train_config  # noqa: E402
-from smallthinker.train.loop import train  # noqa: E402
-from smallthinker.train.plots import plot_run  # noqa: E402
+import smallthinker.modeling  # noqa: F401  (registers the model)
+from smallthinker.chat import SamplingConfig, chat_once
+from smallthinker.eval import evaluate_suite
+from smallthinker.inference import convert_checkpoint, load_offloaded, minimum_budget
+from smallthinker.merge import merge_checkpoints
+from smallthinker.synthetic import prepare_synthetic
+from smallthinker.synthetic.instructions import heldout_exact_match
+from smallthinker.train.config import RECIPES_DIR, load_train_config
+from smallthinker.train.loop import train
+from smallthinker.train.plots import plot_run, subplots
 
 # The tiny model's context and activations are small: reserving the engine's defaults (a 4096-token KV cache,
 # 128 MiB of activations) would dwarf its weights and hide the point, a budget smaller than the model.
@@ -209,7 +205,7 @@ def _plot_offload(offload: dict[str, Any], path: Path, run_name: str) -> Path:
         f"{r['expert_slots']} of {offload['total_experts']} experts"
         for r in runs
     ]
-    fig, (ax_hit, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_hit, ax_speed) = subplots(1, 2, figsize=(10, 4))
     panels = (
         (ax_hit, [100 * r["hit_rate"] for r in runs], "expert cache hit rate (%)", "{:.1f} %", "#4c72b0"),
         (ax_speed, [r["tokens_per_s"] for r in runs], "decode speed (tokens/s)", "{:.1f}", "#55a868"),
@@ -228,17 +224,25 @@ def _plot_offload(offload: dict[str, Any], path: Path, run_name: str) -> Path:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def run_quickstart(cfg: QuickstartConfig) -> Report:
     """Run every stage, write `report.md` + `summary.json` + plots into `cfg.out_dir`, return the report."""
+    # The tiny model's matrices are too small to split across cores: one thread avoids OpenMP spin-waits that
+    # otherwise fight the offload engine's I/O threads (and anything else on the machine) for the cores. The
+    # caller's setting is restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_stages(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(cfg: QuickstartConfig) -> Report:
     _prepare_out(cfg)
     torch.manual_seed(0)
-    # The tiny model's matrices are too small to split across cores: one thread avoids OpenMP spin-waits that
-    # otherwise fight the offload engine's I/O threads (and anything else on the machine) for the cores.
-    torch.set_num_threads(1)
     report, out = Report(), cfg.out_dir
     paths, s = _timed(lambda: prepare_synthetic(cfg.data_dir))
     report.stage("synthetic data + tokenizer", s, root=str(paths["root"]))

@@ -75,10 +75,6 @@ class BudgetPlan:
     record_bytes: int
     num_slots: int
 
-    @property
-    def expert_cache_bytes(self) -> int:
-        return self.num_slots * self.record_bytes
-
 
 def plan_budget(
     budget: int, resident: int, kv: int, overhead: int, record: int, top_k: int, total_experts: int

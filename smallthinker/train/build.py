@@ -33,14 +33,6 @@ def tokenizer_source(cfg: TrainConfig, resume_path: Path | None) -> Path:
     raise ConfigError("no tokenizer: set tokenizer.path, model.init_from or synthetic_dir")
 
 
-def ensure_synthetic(cfg: TrainConfig) -> None:
-    """Prepare the synthetic corpus + tokenizer (offline; returns at once when already there)."""
-    if cfg.synthetic_dir:
-        from smallthinker.synthetic import prepare_synthetic
-
-        prepare_synthetic(cfg.synthetic_dir)
-
-
 def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
     if not source.exists():
         raise FileNotFoundError(f"tokenizer directory {source} does not exist")
