@@ -76,7 +76,7 @@ def plot_expert_load(
     for ax, layer in zip(axes.flat, layers):
         load_ES = share_SLE[:, layer, :].T * num_experts  # [steps, experts] -> [experts, steps]
         image = ax.imshow(load_ES, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=vmax,
-                          extent=[steps[0], steps[-1], num_experts - 0.5, -0.5])  # fmt: skip
+                          extent=[steps[0], max(steps[-1], steps[0] + 1), num_experts - 0.5, -0.5])  # fmt: skip
         ax.set_title(f"layer {layer}", fontsize="small")
         ax.set_ylabel("expert")
         ax.set_xlabel("optimizer step")
