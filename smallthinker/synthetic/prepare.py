@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from smallthinker.synthetic.benchmarks import GPQA_SIZE, write_benchmarks
-from smallthinker.synthetic.corpus import write_corpus
+from smallthinker.synthetic.corpus import write_corpus, write_jsonl
 from smallthinker.synthetic.instructions import write_instructions
 from smallthinker.synthetic.world import build_world
 
 # Bump when generated content changes for the same parameters, so old folders are not reused silently.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_DIR = "data/generated/synthetic"  # git-ignored; where the training config looks
 MANIFEST = "manifest.json"
 
@@ -39,11 +39,23 @@ def _generate(out: Path, params: dict) -> dict[str, Path]:
     texts = list(iter_texts([paths["train"]]))
     for conversation in map(json.loads, paths["sft_train"].read_text(encoding="utf-8").splitlines()):
         texts += [f"{m['role']}\n{m['content']}" for m in conversation["messages"]]
-    train_tokenizer(texts, params["vocab_size"], out / "tokenizer")
+    tokenizer = train_tokenizer(texts, params["vocab_size"], out / "tokenizer")
+    paths["chat_train"] = write_chat_text(paths["sft_train"], tokenizer, out / "corpus" / "chat_train.jsonl")
     paths["tokenizer"] = out / "tokenizer"
     paths["benchmarks"] = out / "benchmarks"  # the --data folder of the evaluation suites
     paths["mmlu"] = out / "benchmarks" / "mmlu"
     return paths
+
+
+def write_chat_text(conversations: Path, tokenizer: Any, out: Path) -> Path:
+    """The SFT conversations as plain text in the tokenizer's chat format (column `text`), for mixing into
+    pre-training: a model that reads question-answer chats about some entities while it learns the facts of
+    all of them learns to answer about the others too (knowledge extraction needs such data during
+    pre-training; instruction tuning alone teaches it poorly). Only SFT entities appear, so the held-out
+    questions stay unseen in chat form."""
+    rows = [json.loads(line) for line in conversations.read_text(encoding="utf-8").splitlines() if line]
+    texts = [{"text": tokenizer.apply_chat_template(r["messages"], tokenize=False)} for r in rows]
+    return write_jsonl(texts, out)
 
 
 def _read_manifest(out: Path) -> dict | None:
