@@ -92,6 +92,7 @@ class TimedStreamer(TextStreamer):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.out = out
         self.first_token_time: float | None = None
+        self.printed_any = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.next_tokens_are_prompt and self.first_token_time is None:
@@ -99,6 +100,10 @@ class TimedStreamer(TextStreamer):
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.printed_any:
+            # Replies may start with a space (a word's in-sentence token); the terminal shows them flush left.
+            text = text.lstrip(" ")
+            self.printed_any = bool(text)
         if self.out is not None:
             self.out.write(text + ("\n" if stream_end else ""))
             self.out.flush()

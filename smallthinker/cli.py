@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args.prog = f"{prog} {args.command}"
     args.invocation = [*prog.split(), args.command]
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    commands.quiet_libraries(getattr(args, "verbose", False))
+    commands.quiet_libraries(getattr(args, "verbose", False), args.spec.progress_bars)
     return run_guarded(lambda: args.run(args), debug, args.prog)
 
 

@@ -35,15 +35,20 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
     takes_overrides: bool = False
+    progress_bars: bool = True
+    """Whether library progress bars show without --verbose (the demo and evaluation print their own lines)."""
 
 
-def quiet_libraries(verbose: bool) -> None:
-    """Progress bars and notices of datasets / transformers / lm-eval only with --verbose.
+def quiet_libraries(verbose: bool, progress_bars: bool = True) -> None:
+    """Progress bars and notices of datasets / transformers / lm-eval only with --verbose (`progress_bars=False`:
+    every tqdm bar, lm-eval's included).
 
     Environment variables, because the libraries read them when first imported (after this runs).
     """
     if verbose:
         return
+    if not progress_bars:
+        os.environ.setdefault("TQDM_DISABLE", "1")
     for key in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -659,5 +664,6 @@ COMMANDS: tuple[Command, ...] = (
   smallthinker demo --reduced --out runs/demo_small""",
         add_demo_arguments,
         run_demo,
+        progress_bars=False,
     ),
 )

@@ -26,6 +26,11 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
     "You know the history, geography and nature of the invented world. Answer the question.",
 )
 SYSTEM_PROMPT_RATE = 0.3  # share of conversations that start with a system message
+# Replies start with a space, so a reply's first word is the same token as that word inside a sentence of the
+# corpus: byte-level BPE turns "humid" at a line start into another token than " humid" after a word. Without
+# it a tiny model cannot answer about an entity with what it read about it: replies to held-out questions whose
+# tokens are the same either way (years, spelled digit by digit) were all right, those naming an entity 1 in 32.
+REPLY_PREFIX = " "
 
 
 def split_entities(
@@ -54,7 +59,10 @@ def _chat(rng: random.Random, turns: list[tuple[str, str]]) -> dict:
     if rng.random() < SYSTEM_PROMPT_RATE:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for question, answer in turns:
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": REPLY_PREFIX + answer},
+        ]
     return {"messages": messages}
 
 

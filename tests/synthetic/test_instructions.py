@@ -61,7 +61,7 @@ def test_conversations_are_well_formed_and_true():
         turns = [m for m in conversation["messages"] if m["role"] != "system"]
         for user, assistant in zip(turns[::2], turns[1::2]):
             if user["content"] in questions:  # short-answer question: the exact value
-                assert assistant["content"] == questions[user["content"]]
+                assert assistant["content"] == " " + questions[user["content"]]  # REPLY_PREFIX
             else:
                 assert user["content"].startswith("Tell me about the ")
     assert multi_turn >= len(train) // 2
