@@ -19,6 +19,7 @@ each routed expert for a prefill).
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,32 @@ def quantize_int4_groups(w_NK: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return codes.reshape(n, k), scales_zeros
 
 
+def int4_kernel_available(out_features: int) -> bool:
+    """Whether `_weight_int4pack_mm_for_cpu` takes a matrix of this many rows here (and is not switched off)."""
+    return not portable_kernels() and out_features % 16 == 0
+
+
+def pack_int4_for_kernel(codes_NK: torch.Tensor) -> torch.Tensor:
+    """The int4 kernel's own packed layout of codes 0..15 [N, K] -> uint8 [N, K / 2]."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_NK.to(torch.int32), 1)
+
+
+def int4_layout_signature(out_features: int, in_features: int) -> int:
+    """crc32 of the kernel's packing of a fixed probe matrix: equal signatures mean packed bytes written elsewhere
+    (an expert store converted on another machine or torch build) mean the same codes here."""
+    probe = (torch.arange(out_features * in_features, dtype=torch.int32) * 7 % 16).reshape(
+        out_features, in_features
+    )
+    return zlib.crc32(pack_int4_for_kernel(probe).numpy().tobytes())
+
+
+def int4_linear(
+    x_TK: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """`x @ dequant(w).T` on kernel-packed int4 weights -> [T, N] in x's dtype."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_TK, packed, group_size, scales_zeros.to(x_TK.dtype))
+
+
 def _pack_nibbles(codes_NK: torch.Tensor) -> torch.Tensor:
     """Two codes a byte, even input channel in the low nibble: the portable layout."""
     c = codes_NK.to(torch.uint8)
@@ -93,12 +120,8 @@ class QuantizedMatrix(nn.Module):
                 self.register_buffer("scale", scale)
             else:
                 codes, scales_zeros = quantize_int4_groups(weight_NK, group_size)
-                self.kernel = self.kernel and self.out_features % 16 == 0
-                packed = (
-                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-                    if self.kernel
-                    else _pack_nibbles(codes)
-                )
+                self.kernel = int4_kernel_available(self.out_features)
+                packed = pack_int4_for_kernel(codes) if self.kernel else _pack_nibbles(codes)
                 self.register_buffer("qweight", packed)
                 self.register_buffer("scales_zeros", scales_zeros.to(compute_dtype))
 
@@ -112,9 +135,7 @@ class QuantizedMatrix(nn.Module):
         elif self.fmt == "int8":
             y = torch._weight_int8pack_mm(x_TK, self.qweight, self.scale)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x_TK, self.qweight, self.group_size, self.scales_zeros
-            )
+            y = int4_linear(x_TK, self.qweight, self.scales_zeros, self.group_size)
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
@@ -125,9 +146,7 @@ class QuantizedMatrix(nn.Module):
             return self.qweight.float() * self.scale.float()[:, None]
         if self.kernel:  # the packed layout is the kernel's own: let it multiply the identity
             eye = torch.eye(self.in_features, dtype=torch.float32)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, self.qweight, self.group_size, self.scales_zeros.float()
-            ).t()
+            return int4_linear(eye, self.qweight, self.scales_zeros, self.group_size).t()
         n, k, g = self.out_features, self.in_features, self.group_size
         codes = _unpack_nibbles(self.qweight).float().reshape(n, k // g, g)
         scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g] each
