@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from scripts.bench_offload import write_random_checkpoint
 from smallthinker.inference.formats import FORMATS, quantize_model
-from smallthinker.modeling import SmallThinkerForCausalLM
+from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
 
 PROMPT_LEN, DECODE_TOKENS, WARMUP = 16, 32, 3
 LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
@@ -108,6 +108,53 @@ def run_ours(ckpt: Path, fmt: str, threads: int, ids: list[int]) -> dict:
         "prefill": prefill,
         "decode": decode,
     }
+
+
+def run_default(ckpt: Path, threads: int, ids: list[int]) -> dict:
+    """The model as `from_pretrained` gives it (its default experts implementation), as the baseline."""
+    torch.set_num_threads(threads)
+    model = SmallThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    prefill, decode = time_ours(model, ids)
+    name = f"ours, bf16, {model.config._experts_implementation} experts"
+    del model
+    gc.collect()
+    return {"system": name, "format": "bf16", "threads": threads, "prefill": prefill, "decode": decode}
+
+
+@torch.no_grad()
+def per_token_overhead(preset: str, fmt: str, threads: int) -> dict:
+    """Time of one decode step of a one-layer model with the preset's layer shapes minus the time of its weight
+    kernels alone (the same matrices, called back to back on one token): what the step adds per layer (Python,
+    dispatch, routing, cache, norms, attention), scaled to the preset's depth and compared with a full step."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = load_model_config(preset, num_hidden_layers=1, vocab_size=256)
+    model = quantize_model(SmallThinkerForCausalLM(config).eval(), fmt)
+    layer = model.model.layers[0]
+    attn, experts = layer.self_attn, layer.block_sparse_moe.experts
+    router = layer.block_sparse_moe.primary_router
+    k = config.moe_num_active_primary_experts
+    x = torch.randn(1, 1, config.hidden_size, dtype=torch.bfloat16)
+    h = torch.randn(1, 1, config.moe_ffn_hidden_size, dtype=torch.bfloat16)
+    q_out = torch.randn(1, 1, config.num_attention_heads * config.head_dim, dtype=torch.bfloat16)
+
+    def kernels() -> None:
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(q_out), router(x)
+        for e in range(k):
+            experts.gate_up[e](x), experts.down[e](h)
+
+    cache = DynamicCache(config=model.config)
+    model(torch.tensor([list(range(8))]), past_key_values=cache, use_cache=True)
+    step_times, kernel_times = [], []
+    for i in range(WARMUP + DECODE_TOKENS):
+        start = time.perf_counter()
+        model(torch.tensor([[i % 200]]), past_key_values=cache, use_cache=True)
+        step_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        kernels()
+        kernel_times.append(time.perf_counter() - start)
+    step, kernel = statistics.median(step_times[WARMUP:]), statistics.median(kernel_times[WARMUP:])
+    return {"format": fmt, "threads": threads, "layer_step_ms": 1e3 * step, "layer_kernels_ms": 1e3 * kernel}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +233,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def overhead_table(overheads: list[dict], rows: list[dict], num_layers: int) -> str:
+    """Per-token overhead (step minus weight kernels, per layer, times the depth) against the full decode step."""
+    full = {
+        (r["format"], r["threads"]): 1e3 / r["decode"]
+        for r in rows
+        if r["system"].startswith("ours, resident")
+    }
+    lines = [
+        f"\nPer-token overhead: a one-layer model's decode step minus its weight kernels, x {num_layers} layers",
+        "| format | threads | layer step ms | layer kernels ms | overhead per token ms | of a full step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in overheads:
+        per_token = num_layers * (o["layer_step_ms"] - o["layer_kernels_ms"])
+        step = full.get((o["format"], o["threads"]))
+        share = f"{per_token / step:.1%}" if step else ""
+        lines.append(f"| {o['format']} | {o['threads']} | {o['layer_step_ms']:.3f} | {o['layer_kernels_ms']:.3f} | "
+                     f"{per_token:.2f} | {share} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def record(row: dict, rows: list[dict]) -> None:
     rows.append(row)
     print(f"  {row['system']:<32} threads {row['threads']}: decode {row['decode']:.2f} tok/s, "
@@ -210,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         "--llama-cpp-src", default=None, help="llama.cpp source tree with convert_hf_to_gguf.py"
     )
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the default-experts bf16 row")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
@@ -222,14 +291,20 @@ def main(argv: list[str] | None = None) -> None:
         ggufs = llama_ggufs(ckpt, workdir, Path(args.llama_cpp_src))
     print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rows: list[dict] = []
+    overheads: list[dict] = []
+    num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
     for threads in (int(t) for t in args.threads.split(",")):
+        if not args.no_baseline:
+            record(run_default(ckpt, threads, ids), rows)
         for fmt in formats:
+            overheads.append(per_token_overhead(args.preset, fmt, threads))
             record(run_ours(ckpt, fmt, threads, ids), rows)
             if fmt in ggufs:
                 record(run_llama(ggufs[fmt], fmt, threads, ids), rows)
     print(f"\n{args.preset}, random weights, batch 1, {PROMPT_LEN}-token prompt, {DECODE_TOKENS} decode tokens "
           f"(median); ISA: {isa_flags()}; load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
     print(table(rows))
+    print(overhead_table(overheads, rows, num_layers))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
