@@ -5,15 +5,23 @@ Launch (one benchmark at a time on a shared machine; the 8 GB checkpoint and the
 --workdir and reused):
     flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench
     .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench --only offload --memory-budget 2.6GB -v
+    .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench --only curve --plot offload_curve.png \
+        --trace-from runs/quickstart/merged
 
-Random weights route almost uniformly (every expert equally likely) and leave ~50 % of ReGLU neurons alive;
-trained SmallThinker weights are far more skewed (70-80 % of experts cold, 60-90 % of neurons dead), so hit
-rates and the gain of neuron sparsity measured here are the pessimistic end.
+Routing: random weights route almost uniformly and keep re-picking the same experts, so by default every router
+is driven by a synthetic trace (`smallthinker.inference.routing`): per layer, expert popularity follows a Zipf law
+of exponent --skew over a random order of the experts, and each token keeps each of the previous token's experts
+with probability --reuse. --trace-from fits both to a trained checkpoint's own routing on held-out text;
+--uniform-routing uses the random weights' routing instead. `--only curve` sweeps budgets holding 10-100 % of the
+experts and writes hit rate, MB read per token and tok/s against the budget (PNG), beside the cache simulator's
+prediction from the trace and the measured disk speed. Random weights leave ~50 % of ReGLU neurons alive
+(trained SmallThinker weights: 60-90 % dead), so the gain of neuron sparsity measured here is the pessimistic end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,6 +43,13 @@ from smallthinker.inference import (
 )
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer, measure_read_bandwidth
 from smallthinker.inference.quality import compare_quantisation, load_token_sequences
+from smallthinker.inference.routing import (
+    fit_trace_statistics,
+    record_trace,
+    replay_trace,
+    simulate_cache,
+    synthetic_trace,
+)
 from smallthinker.inference.stats import format_stats
 from smallthinker.inference.store import MANIFEST
 from smallthinker.modeling import load_model_config
@@ -45,6 +60,7 @@ from smallthinker.modeling.modeling_smallthinker import (
 )
 
 PROMPT_LEN = 16
+WARMUP = 3  # decode steps before the measured ones
 MAX_CONTEXT = 128  # KV reservation in the budget: prompt + warm-up + measured tokens fit
 OVERHEAD = "256MiB"
 
@@ -193,10 +209,14 @@ def active_bytes_per_token(store: ExpertStore, config) -> int:
     return resident + experts
 
 
-def run_offloaded(name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, **kwargs) -> dict:
+def run_offloaded(
+    name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, trace=None, **kwargs
+) -> dict:
+    """Decode under `budget`; with a routing `trace` every router picks the trace's experts."""
     model = load_offloaded(store, memory_budget=budget, max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs)
     engine = model.offload_engine
-    tps = decode_tokens_per_s(model, tokens, warmup=3, on_warm=engine.reset_stats)
+    with replay_trace(model, trace) if trace is not None else contextlib.nullcontext():
+        tps = decode_tokens_per_s(model, tokens, warmup=WARMUP, on_warm=engine.reset_stats)
     stats = engine.stats()
     ex = engine.cache.store
     compute_s = active_bytes_per_token(ex, model.config) / machine["mem_read_bw"]
@@ -212,6 +232,7 @@ def run_offloaded(name: str, store: Path, budget: int, tokens: int, verbose: boo
         "peak_rss_GB": stats["peak_rss_bytes"] / 1e9,
     }
     row["of_roofline"] = row["tok_s"] / row["roofline_tok_s"]
+    row["loads_per_token"] = stats["loads"] / max(stats["tokens"], 1)
     if verbose:
         print(f"--- {name}\n{format_stats(stats)}")
     engine.close()
@@ -257,12 +278,26 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default="/tmp/smallthinker-bench", help="checkpoint and store cache dir")
+    parser.add_argument("--preset", default="smallthinker-4b", help="shapes of the random checkpoint")
     parser.add_argument("--tokens", type=int, default=12, help="measured decode tokens per configuration")
     parser.add_argument("--accelerate-tokens", type=int, default=2)
     parser.add_argument(
         "--memory-budget", default=None, help="single offload run at this budget (e.g. 2.6GB)"
     )
-    parser.add_argument("--only", choices=["all", "offload", "resident", "accelerate"], default="all")
+    parser.add_argument(
+        "--only", choices=["all", "offload", "resident", "accelerate", "curve"], default="all"
+    )
+    parser.add_argument(
+        "--skew", type=float, default=1.0, help="Zipf exponent of expert popularity per layer"
+    )
+    parser.add_argument(
+        "--reuse", type=float, default=0.3, help="chance a token keeps a previous token's expert"
+    )
+    parser.add_argument(
+        "--trace-from", default=None, help="trained checkpoint: fit skew and reuse to its routing"
+    )
+    parser.add_argument("--uniform-routing", action="store_true", help="the random weights' own routing")
+    parser.add_argument("--plot", default="offload_curve.png", help="where --only curve writes its PNG")
     parser.add_argument(
         "--threads",
         type=int,
@@ -294,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
             )
         return
-    ckpt = write_random_checkpoint(workdir / "checkpoint")
+    ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
     store_dir = ensure_store(ckpt, workdir / "store-bf16", "none")
     int8_dir = ensure_store(ckpt, workdir / "store-int8", "int8")
     store = ExpertStore(store_dir)
@@ -309,6 +344,20 @@ def main(argv: list[str] | None = None) -> None:
         return int(fixed + fraction * store.expert_bytes_total)
 
     b25 = parse_bytes(args.memory_budget) if args.memory_budget else budget(0.25)
+    config = load_model_config(args.preset)
+    trace = (
+        None if args.uniform_routing else routing_trace(args, config, PROMPT_LEN + WARMUP + args.tokens + 8)
+    )
+    if args.only == "curve":
+        curve = budget_curve(args, store_dir, store, machine, budget, trace)
+        cols = ["budget_GB", "slots", "tok_s", "sim_tok_s", "hit_rate", "sim_hit_rate", "MB_per_token"]
+        print("\n| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+        for r in curve:
+            print("| " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
+        routing = "synthetic" if trace is not None else "the weights' own"
+        title = f"{args.preset} shapes: offloaded decode vs memory budget ({routing} routing)"
+        print(plot_curve(curve, Path(args.plot), title))
+        return
     rows = []
     if args.only in ("all", "offload"):
         cases = [
@@ -323,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             cases.insert(1, ("offload 50%, prefetch, sparse", store_dir, budget(0.5), {}))
         for name, path, b, kw in cases:
             name = f"{name} [{b / 1e9:.2f} GB]"
-            rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, **kw))
+            rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, trace, **kw))
             print(rows[-1], flush=True)
     if args.only in ("all", "resident"):
         rows.append(run_resident(ckpt, args.tokens, machine, store))
@@ -332,6 +381,76 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_accelerate(ckpt, b25, args.accelerate_tokens, workdir))
         print(rows[-1], flush=True)
     print_table(rows, machine)
+
+
+def routing_trace(args: argparse.Namespace, config, tokens: int) -> torch.Tensor:
+    """The decode benchmark's routing: drawn with the given skew and reuse, or with those fitted to a trained
+    model's trace (`--trace-from`), at the benchmark model's shapes."""
+    skew, reuse = args.skew, args.reuse
+    if args.trace_from:
+        model = AutoModelForCausalLM.from_pretrained(args.trace_from).eval()
+        sequences = load_token_sequences(args.trace_from, args.quant_eval_text, 8)
+        fitted = [fit_trace_statistics(record_trace(model, ids), model.config.moe_num_primary_experts)
+                  for ids in sequences]  # fmt: skip
+        skew = sum(f.skew for f in fitted) / len(fitted)
+        reuse = sum(f.reuse for f in fitted) / len(fitted)
+        print(f"routing fitted to {args.trace_from}: skew {skew:.2f}, reuse {reuse:.2f}", flush=True)
+    trace = synthetic_trace(
+        tokens, config.num_hidden_layers, config.moe_num_primary_experts, config.moe_num_active_primary_experts,
+        skew=skew, reuse=reuse, seed=0,
+    )  # fmt: skip
+    stats = fit_trace_statistics(trace, config.moe_num_primary_experts)
+    print(f"routing trace: skew {stats.skew:.2f}, reuse {stats.reuse:.2f}, top quarter of the experts gets "
+          f"{stats.top_share:.0%} of the assignments", flush=True)  # fmt: skip
+    return trace
+
+
+def budget_curve(args, store_dir: Path, store: ExpertStore, machine, budget, trace) -> list[dict]:
+    """Real engine vs cache simulator over budgets holding 10-100 % of the experts, under the same trace."""
+    rows = []
+    for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
+        b = budget(fraction)
+        row = run_offloaded(
+            f"{fraction:.0%} of experts", store_dir, b, args.tokens, args.verbose, machine, trace
+        )
+        sim = simulate_cache(trace[: PROMPT_LEN + WARMUP + args.tokens], row["slots"],
+                             warmup_tokens=PROMPT_LEN + WARMUP)  # fmt: skip
+        row.update(budget_GB=b / 1e9, fraction=fraction, sim_hit_rate=sim.hit_rate,
+                   sim_loads_per_token=sim.loads_per_token)  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    # Predicted tok/s: the all-resident compute time plus the predicted reads at the measured disk speed.
+    compute_s = 1 / rows[-1]["tok_s"]
+    for row in rows:
+        io_s = row["sim_loads_per_token"] * store.record_bytes / machine["disk_bw"]
+        row["sim_tok_s"] = 1 / (compute_s + io_s)
+    return rows
+
+
+def plot_curve(rows: list[dict], out: Path, title: str) -> Path:
+    from smallthinker.train.plots import subplots
+
+    fig, axes = subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    x = [r["budget_GB"] for r in rows]
+    panels = [
+        ("decode tok/s", "tok_s", "sim_tok_s"),
+        ("expert cache hit rate", "hit_rate", "sim_hit_rate"),
+        ("MB read per token", "MB_per_token", None),
+    ]
+    for ax, (label, real, sim) in zip(axes, panels):
+        ax.plot(x, [r[real] for r in rows], "o-", label="engine")
+        if sim:
+            ax.plot(x, [r[sim] for r in rows], "s--", label="simulator")
+        for xi, r in zip(x, rows):
+            ax.annotate(f"{r[real]:.3g}", (xi, r[real]), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)  # fmt: skip
+        ax.set_xlabel("memory budget (GB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(out, dpi=120)
+    return out
 
 
 def print_table(rows: list[dict], machine: dict[str, float]) -> None:
