@@ -33,21 +33,11 @@ from transformers import DynamicCache
 
 from scripts.bench_offload import write_random_checkpoint
 from smallthinker.inference.formats import FORMATS, quantize_model
+from smallthinker.inference.stats import isa_flags
 from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
 
 PROMPT_LEN, DECODE_TOKENS, WARMUP = 16, 32, 3
 LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
-
-
-def isa_flags() -> str:
-    """The SIMD extensions that decide which kernels run (AVX2, AVX-512 and its bf16 / VNNI parts, AMX)."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512"
 
 
 def prompt_ids(vocab: int) -> list[int]:

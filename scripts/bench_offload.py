@@ -50,7 +50,7 @@ from smallthinker.inference.routing import (
     simulate_cache,
     synthetic_trace,
 )
-from smallthinker.inference.stats import format_stats
+from smallthinker.inference.stats import format_stats, isa_flags
 from smallthinker.inference.store import MANIFEST
 from smallthinker.modeling import load_model_config
 from smallthinker.modeling.modeling_smallthinker import (
@@ -65,20 +65,55 @@ MAX_CONTEXT = 128  # KV reservation in the budget: prompt + warm-up + measured t
 OVERHEAD = "256MiB"
 
 
-def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: int = 0) -> Path:
-    """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there)."""
+def write_random_checkpoint(
+    path: Path,
+    preset: str = "smallthinker-4b",
+    seed: int = 0,
+    gate_sparsity: float | None = None,
+    **overrides,
+) -> Path:
+    """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there).
+
+    `gate_sparsity` (e.g. 0.8) makes the ReGLU gates about that sparse, as trained SmallThinker experts are: the
+    embedding gets a large constant channel 0, which dominates the residual stream (values and `up` ignore it, so
+    no layer adds noise of its size), RMSNorm turns it into a large positive input feature, and every gate row
+    gets a negative weight on it: a bias that puts that share of the gate's pre-activations below zero. Measure
+    the sparsity reached (`train.metrics.neuron_sparsity`); this sets it only roughly.
+    """
     if (path / SAFE_WEIGHTS_INDEX_NAME).exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    config = load_model_config(preset)
+    config = load_model_config(preset, **overrides)
     config.dtype = torch.bfloat16
     config.save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)
+    std, h = config.initializer_range, config.hidden_size
 
     def init(shape: tuple[int, ...]) -> torch.Tensor:  # norms are ones, matrices N(0, initializer_range)
         if len(shape) == 1:
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(*shape, generator=gen) * config.initializer_range).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    bias_weight, channel = None, 30.0
+    if gate_sparsity is not None:
+        # RMSNorm of (C, N(0, std^2) ...): channel 0 -> x0, the others ~ N(0, xr^2); a gate row w has w.x ~
+        # -b * x0 + N(0, (std * xr)^2 * (h - 1)): P(w.x <= 0) = gate_sparsity at b = z * std * xr * sqrt(h-1) / x0.
+        rms = ((channel**2 + std**2 * (h - 1)) / h) ** 0.5
+        x0, xr = channel / rms, std / rms
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(gate_sparsity)).item()
+        bias_weight = z * std * xr * (h - 1) ** 0.5 / x0
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = init(shape)
+        if bias_weight is None:
+            return t
+        if name == "model.embed_tokens.weight":
+            t[:, 0] = channel
+        elif name.endswith(".gate.weight"):
+            t[:, 0] = -bias_weight
+        elif name.endswith((".up.weight", ".v_proj.weight")):
+            t[:, 0] = 0.0
+        return t
 
     # Every tensor of an official file, one shard per layer plus one for the rest.
     shards: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -89,7 +124,7 @@ def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: i
     weight_map = {}
     for shard, shapes in tqdm(sorted(shards.items()), desc="random checkpoint", unit="shard"):
         save_file(
-            {n: init(shape) for n, shape in shapes.items()}, str(path / shard), metadata={"format": "pt"}
+            {n: tensor(n, shape) for n, shape in shapes.items()}, str(path / shard), metadata={"format": "pt"}
         )
         weight_map.update(dict.fromkeys(shapes, shard))
     index = {"metadata": {}, "weight_map": weight_map}
@@ -285,7 +320,13 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-budget", default=None, help="single offload run at this budget (e.g. 2.6GB)"
     )
     parser.add_argument(
-        "--only", choices=["all", "offload", "resident", "accelerate", "curve"], default="all"
+        "--only", choices=["all", "offload", "resident", "accelerate", "curve", "sparsity"], default="all"
+    )
+    parser.add_argument(
+        "--gate-sparsity", type=float, default=0.8, help="--only sparsity: target ReGLU sparsity"
+    )
+    parser.add_argument(
+        "--sparsity-layers", type=int, default=8, help="--only sparsity: depth of its checkpoint"
     )
     parser.add_argument(
         "--skew", type=float, default=1.0, help="Zipf exponent of expert popularity per layer"
@@ -328,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['experts']} | {r['perplexity']:.4f} | {r['max_abs_logit_err']:.4f} | "
                 f"{r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
             )
+        return
+    if args.only == "sparsity":
+        print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}")
+        sparsity_rows(args, workdir)
         return
     ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
     store_dir = ensure_store(ckpt, workdir / "store-bf16", "none")
@@ -424,6 +469,56 @@ def budget_curve(args, store_dir: Path, store: ExpertStore, machine, budget, tra
     for row in rows:
         io_s = row["sim_loads_per_token"] * store.record_bytes / machine["disk_bw"]
         row["sim_tok_s"] = 1 / (compute_s + io_s)
+    return rows
+
+
+def sparsity_rows(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Neuron-sparse vs dense expert compute, per store format, on a checkpoint whose gates are really sparse:
+    MoE time per token against the ideal 1 / (1/3 + 2/3 * (1 - sparsity)) (gate dense, up and down on live rows)."""
+    from smallthinker.train.metrics import neuron_sparsity
+
+    layers = args.sparsity_layers
+    ckpt = write_random_checkpoint(workdir / f"checkpoint-sparse{args.gate_sparsity}-{layers}l", args.preset,
+                                   gate_sparsity=args.gate_sparsity, num_hidden_layers=layers)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    ids = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    zeros = neuron_sparsity(model, {"input_ids": ids})
+    sparsity = sum(zeros) / len(zeros)
+    ideal = 1 / (1 / 3 + 2 / 3 * (1 - sparsity))
+    del model
+    rows = []
+    for quant in ("none", "int8"):
+        store = ensure_store(ckpt, workdir / f"store-sparse{args.gate_sparsity}-{layers}l-{quant}", quant)
+        measured = {}
+        for mode, kwargs in (("dense", {"sparse": False}), ("sparse", {"sparse_threshold": 1.0})):
+            model = load_offloaded(
+                store, memory_budget="100GB", max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs
+            )
+            engine = model.offload_engine
+            measured[f"tok_s_{mode}"] = decode_tokens_per_s(
+                model, args.tokens, warmup=WARMUP, on_warm=engine.reset_stats
+            )
+            stats = engine.stats()
+            measured[f"moe_ms_{mode}"] = 1e3 * stats["moe_compute_s"] / max(stats["tokens"], 1)
+            engine.close()
+            del model, engine
+            gc.collect()
+        row = {
+            "format": "bf16" if quant == "none" else quant,
+            "sparsity": sparsity,
+            **measured,
+            "ideal": ideal,
+        }
+        row["speedup"] = row["moe_ms_dense"] / row["moe_ms_sparse"]
+        row["of_ideal"] = row["speedup"] / ideal
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nneuron sparsity per layer: {[round(z, 3) for z in zeros]}")
+    cols = ["format", "sparsity", "moe_ms_dense", "moe_ms_sparse", "speedup", "ideal", "of_ideal", "tok_s_dense",
+            "tok_s_sparse"]  # fmt: skip
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3g}" for c in cols) + " |")
     return rows
 
 

@@ -94,10 +94,14 @@ def fit_trace_statistics(trace: Trace, experts: int) -> TraceStatistics:
     # Least squares on log share = -skew * log rank + c over the experts that were used.
     x, y = ranks[live].log(), share[live].log()
     skew = float(-((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp_min(1e-12))
-    same = (trace[1:, :, :, None] == trace[:-1, :, None, :]).any(-1).float().mean().item() if tokens > 1 else 0.0
+    same = (
+        (trace[1:, :, :, None] == trace[:-1, :, None, :]).any(-1).float().mean().item() if tokens > 1 else 0.0
+    )
     chance = k / experts
     reuse = max(0.0, (same - chance) / (1 - chance))
-    return TraceStatistics(skew=max(skew, 0.0), reuse=reuse, top_share=float(share[: max(1, experts // 4)].sum()))
+    return TraceStatistics(
+        skew=max(skew, 0.0), reuse=reuse, top_share=float(share[: max(1, experts // 4)].sum())
+    )
 
 
 @contextmanager

@@ -54,7 +54,9 @@ def test_simulator_predicts_the_engine(tiny):
             ids = torch.tensor([[5]])
             out = model(ids, use_cache=True)
             for _ in range(trace.shape[0] - 1):
-                out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+                out = model(
+                    out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True
+                )
         stats = engine.cache.stats
         simulated = simulate_cache(trace, slots)
         assert stats.hits / (stats.hits + stats.misses) == pytest.approx(simulated.hit_rate, abs=1e-9)
