@@ -59,6 +59,15 @@ def quantize_int4_groups(w_NK: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return codes.reshape(n, k), scales_zeros
 
 
+def mkldnn_linear_available() -> bool:
+    """Whether oneDNN can multiply by a prepacked bf16 weight here (CPUs with native bf16: AVX-512 BF16 / AMX)."""
+    return (
+        not portable_kernels()
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
 def int4_kernel_available(out_features: int) -> bool:
     """Whether `_weight_int4pack_mm_for_cpu` takes a matrix of this many rows here (and is not switched off)."""
     return not portable_kernels() and out_features % 16 == 0
@@ -113,7 +122,13 @@ class QuantizedMatrix(nn.Module):
         self.kernel = not portable_kernels()
         with torch.no_grad():
             if fmt == "bf16":
-                self.register_buffer("weight", weight_NK.to(compute_dtype).contiguous())
+                weight = weight_NK.to(compute_dtype).contiguous()
+                # oneDNN's blocked layout, made once: its GEMV streams the weight at several times the rate of
+                # `F.linear` on the same bf16 matrix (scripts.bench_kernels).
+                self.kernel = compute_dtype == torch.bfloat16 and mkldnn_linear_available()
+                if self.kernel:
+                    weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+                self.register_buffer("weight", weight)
             elif fmt == "int8":
                 q, scale = quantize_int8_rows(weight_NK, compute_dtype)
                 self.register_buffer("qweight", q)
@@ -129,7 +144,10 @@ class QuantizedMatrix(nn.Module):
         shape = x.shape
         x_TK = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.fmt == "bf16":
-            y = F.linear(x_TK, self.weight)
+            if self.kernel:
+                y = torch.ops.mkldnn._linear_pointwise(x_TK.contiguous(), self.weight, None, "none", [], "")
+            else:
+                y = F.linear(x_TK, self.weight)
         elif not self.kernel:
             y = F.linear(x_TK, self.dequantize().to(self.compute_dtype))
         elif self.fmt == "int8":
@@ -140,8 +158,11 @@ class QuantizedMatrix(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 [N, K] matrix this weight stands for (the kernels' reference)."""
-        if self.fmt == "bf16":
+        if self.fmt == "bf16" and not self.kernel:
             return self.weight.float()
+        if self.fmt == "bf16":  # opaque oneDNN layout: multiply the identity
+            eye = torch.eye(self.in_features, dtype=self.compute_dtype)
+            return torch.ops.mkldnn._linear_pointwise(eye, self.weight, None, "none", [], "").float().t()
         if self.fmt == "int8":
             return self.qweight.float() * self.scale.float()[:, None]
         if self.kernel:  # the packed layout is the kernel's own: let it multiply the identity

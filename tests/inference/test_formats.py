@@ -6,6 +6,10 @@ matrix to bf16 rounding (relative error < 1 %); the quantisation error itself is
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -139,3 +143,31 @@ def test_bytes_per_token_shrink_with_the_format():
     sizes = {fmt: weight_bytes_per_token(quantize_model(tiny_model(), fmt)) for fmt in FORMATS}
     assert sizes["int8"] < 0.6 * sizes["bf16"]
     assert sizes["int4"] < 0.7 * sizes["int8"]
+
+
+AVX2_PROBE = """
+import torch
+from smallthinker.inference.formats import QuantizedMatrix, int4_layout_signature
+assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"), torch.backends.cpu.get_cpu_capability()
+torch.manual_seed(0)
+w = torch.randn(64, 128) * 0.02
+x = torch.randn(4, 128).bfloat16()
+for fmt in ("bf16", "int8", "int4"):
+    m = QuantizedMatrix(w, fmt)
+    ref = x.float() @ m.dequantize().t()
+    err = ((m(x).float() - ref).norm() / ref.norm()).item()
+    # No native bf16 here: the bf16 format falls back to F.linear; the int kernels run their AVX2 code.
+    assert m.kernel == (fmt != "bf16") and err < 1e-2, (fmt, m.kernel, err)
+print(int4_layout_signature(64, 128))
+"""
+
+
+def test_kernels_are_correct_on_avx2_only_dispatch():
+    """PyTorch's and oneDNN's AVX2 kernels (what a CPU without AVX-512 runs), forced here: every format still
+    matches its dequantised matrix; the int4 packing may differ from this machine's, which the store checks."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run(
+        [sys.executable, "-c", AVX2_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().isdigit()
