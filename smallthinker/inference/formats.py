@@ -207,6 +207,8 @@ class QuantizedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if hidden_states.shape[0] == 1:
+            return self._one_token(hidden_states, top_k_index[0], top_k_weights[0])
         out_TH = torch.zeros_like(hidden_states)
         # One read of the routing on the host: on a CPU this is a memory read, not a device sync.
         for expert in torch.unique(top_k_index).tolist():
@@ -216,6 +218,17 @@ class QuantizedExperts(nn.Module):
             y = y * top_k_weights[token_idx, k_pos, None].to(y.dtype)
             out_TH.index_add_(0, token_idx, y.to(out_TH.dtype))
         return out_TH
+
+    def _one_token(self, x_1H: torch.Tensor, index_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
+        """Decode: the token's k experts in ascending order, summed in the activation dtype (the eager order),
+        without the gathers and scatters a batch needs."""
+        out_1H = torch.zeros_like(x_1H)
+        experts = index_K.tolist()
+        for k in sorted(range(len(experts)), key=experts.__getitem__):
+            gate, up = self.gate_up[experts[k]](x_1H).chunk(2, dim=-1)
+            y = self.down[experts[k]](F.relu(gate) * up) * weights_K[k].to(x_1H.dtype)
+            out_1H += y.to(out_1H.dtype)
+        return out_1H
 
 
 def _replace_linears(

@@ -84,6 +84,7 @@ def test_bf16_format_is_the_bf16_eager_model():
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         assert torch.equal(converted(ids).logits, reference(ids).logits)
+        assert torch.equal(converted(ids[:1, :1]).logits, reference(ids[:1, :1]).logits)  # the decode path
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
