@@ -42,7 +42,7 @@ from smallthinker.inference import (
     plan_for_store,
 )
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer, measure_read_bandwidth
-from smallthinker.inference.quality import compare_quantisation, load_token_sequences
+from smallthinker.inference.quality import load_token_sequences
 from smallthinker.inference.routing import (
     fit_trace_statistics,
     record_trace,
@@ -346,30 +346,16 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads; on a busy shared 2-core machine 2 OpenMP threads run 20x slower than 1",
     )
     parser.add_argument(
-        "--quant-eval", default=None, help="trained checkpoint: int8 vs bf16 experts quality only"
+        "--trace-text",
+        default="data/generated/synthetic/corpus/validation.jsonl",
+        help="held-out text --trace-from routes",
     )
-    parser.add_argument("--quant-eval-text", default="data/generated/synthetic/corpus/validation.jsonl")
-    parser.add_argument("--quant-eval-docs", type=int, default=200)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the engine statistics of each run"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    if args.quant_eval:
-        sequences = load_token_sequences(args.quant_eval, args.quant_eval_text, args.quant_eval_docs)
-        rows = compare_quantisation(args.quant_eval, workdir / "quant-eval", sequences)
-        tokens = sum(s.shape[1] for s in sequences)
-        print(f"\n{len(sequences)} documents, {tokens} tokens of {args.quant_eval_text}")
-        print(
-            "| experts | perplexity | max abs logit err | rel logit err (L2) | top-1 agreement |\n|---|---|---|---|---|"
-        )
-        for r in rows:
-            print(
-                f"| {r['experts']} | {r['perplexity']:.4f} | {r['max_abs_logit_err']:.4f} | "
-                f"{r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
-            )
-        return
     if args.only == "sparsity":
         print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}")
         sparsity_rows(args, workdir)
@@ -434,7 +420,7 @@ def routing_trace(args: argparse.Namespace, config, tokens: int) -> torch.Tensor
     skew, reuse = args.skew, args.reuse
     if args.trace_from:
         model = AutoModelForCausalLM.from_pretrained(args.trace_from).eval()
-        sequences = load_token_sequences(args.trace_from, args.quant_eval_text, 8)
+        sequences = load_token_sequences(args.trace_from, args.trace_text, 8)
         fitted = [fit_trace_statistics(record_trace(model, ids), model.config.moe_num_primary_experts)
                   for ids in sequences]  # fmt: skip
         skew = sum(f.skew for f in fitted) / len(fitted)

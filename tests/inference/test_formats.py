@@ -172,3 +172,15 @@ def test_kernels_are_correct_on_avx2_only_dispatch():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().isdigit()
+
+
+def test_quality_report_per_format(tmp_path):
+    from smallthinker.inference.quality import compare_formats, format_quality_table
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    sequences = [torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    rows = compare_formats(tmp_path / "ckpt", sequences)
+    assert [r["format"] for r in rows] == list(FORMATS)
+    assert rows[0]["max_abs_logit_err"] == 0 and rows[0]["top1_agreement"] == 1
+    assert rows[1]["rel_logit_err"] < rows[2]["rel_logit_err"] < 0.25  # int8 closer than int4
+    assert "| int4 |" in format_quality_table(rows)
