@@ -29,6 +29,11 @@ from smallthinker.inference.quant import quantize_int8_rows
 from smallthinker.modeling.modeling_smallthinker import SmallThinkerExperts, SmallThinkerForCausalLM
 
 FORMATS = ("bf16", "int8", "int4")
+# Without native bf16 (AVX2), a bf16 GEMM runs emulated: from this many rows on (a prefill), upcasting the weight
+# and multiplying in fp32 is faster (1536x1536, one thread, AVX2 dispatch: 0.54 vs 0.64 ms at 4 rows, 1.06 vs
+# 2.56 ms at 16; slower at 1-2 rows, so decode stays in bf16). The int kernels are fastest on bf16 activations
+# with either ISA (fp32 activations: 14-55x slower under AVX2), so they always get bf16.
+FP32_PREFILL_MIN_ROWS = 4
 DEFAULT_GROUP_SIZE = 32  # llama.cpp's Q4 block size
 INT4_LEVELS = 15
 
@@ -59,13 +64,14 @@ def quantize_int4_groups(w_NK: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return codes.reshape(n, k), scales_zeros
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN sees it (`ONEDNN_MAX_CPU_ISA`)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def mkldnn_linear_available() -> bool:
-    """Whether oneDNN can multiply by a prepacked bf16 weight here (CPUs with native bf16: AVX-512 BF16 / AMX)."""
-    return (
-        not portable_kernels()
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """Whether oneDNN can multiply by a prepacked bf16 weight here (CPUs with native bf16)."""
+    return not portable_kernels() and native_bf16()
 
 
 def int4_kernel_available(out_features: int) -> bool:
@@ -126,6 +132,7 @@ class QuantizedMatrix(nn.Module):
                 # oneDNN's blocked layout, made once: its GEMV streams the weight at several times the rate of
                 # `F.linear` on the same bf16 matrix (scripts.bench_kernels).
                 self.kernel = compute_dtype == torch.bfloat16 and mkldnn_linear_available()
+                self.upcast_prefill = compute_dtype == torch.bfloat16 and not native_bf16()
                 if self.kernel:
                     weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 self.register_buffer("weight", weight)
@@ -146,6 +153,8 @@ class QuantizedMatrix(nn.Module):
         if self.fmt == "bf16":
             if self.kernel:
                 y = torch.ops.mkldnn._linear_pointwise(x_TK.contiguous(), self.weight, None, "none", [], "")
+            elif self.upcast_prefill and x_TK.shape[0] >= FP32_PREFILL_MIN_ROWS:
+                y = F.linear(x_TK.float(), self.weight.float()).to(self.compute_dtype)
             else:
                 y = F.linear(x_TK, self.weight)
         elif not self.kernel:

@@ -159,6 +159,10 @@ for fmt in ("bf16", "int8", "int4"):
     err = ((m(x).float() - ref).norm() / ref.norm()).item()
     # No native bf16 here: the bf16 format falls back to F.linear; the int kernels run their AVX2 code.
     assert m.kernel == (fmt != "bf16") and err < 1e-2, (fmt, m.kernel, err)
+    if fmt == "bf16":  # a prefill-sized input takes the fp32 path, with the same result
+        x16 = torch.randn(16, 128).bfloat16()
+        ref16 = x16.float() @ m.dequantize().t()
+        assert m.upcast_prefill and ((m(x16).float() - ref16).norm() / ref16.norm()).item() < 1e-2
 print(int4_layout_signature(64, 128))
 """
 
