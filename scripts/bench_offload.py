@@ -5,15 +5,23 @@ Launch (one benchmark at a time on a shared machine; the 8 GB checkpoint and the
 --workdir and reused):
     flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench
     .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench --only offload --memory-budget 2.6GB -v
+    .venv/bin/python -m scripts.bench_offload --workdir /tmp/st-bench --only curve --plot offload_curve.png \
+        --trace-from runs/quickstart/merged
 
-Random weights route almost uniformly (every expert equally likely) and leave ~50 % of ReGLU neurons alive;
-trained SmallThinker weights are far more skewed (70-80 % of experts cold, 60-90 % of neurons dead), so hit
-rates and the gain of neuron sparsity measured here are the pessimistic end.
+Routing: random weights route almost uniformly and keep re-picking the same experts, so by default every router
+is driven by a synthetic trace (`smallthinker.inference.routing`): per layer, expert popularity follows a Zipf law
+of exponent --skew over a random order of the experts, and each token keeps each of the previous token's experts
+with probability --reuse. --trace-from fits both to a trained checkpoint's own routing on held-out text;
+--uniform-routing uses the random weights' routing instead. `--only curve` sweeps budgets holding 10-100 % of the
+experts and writes hit rate, MB read per token and tok/s against the budget (PNG), beside the cache simulator's
+prediction from the trace and the measured disk speed. Random weights leave ~50 % of ReGLU neurons alive
+(trained SmallThinker weights: 60-90 % dead), so the gain of neuron sparsity measured here is the pessimistic end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -34,8 +42,15 @@ from smallthinker.inference import (
     plan_for_store,
 )
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer, measure_read_bandwidth
-from smallthinker.inference.quality import compare_quantisation, load_token_sequences
-from smallthinker.inference.stats import format_stats
+from smallthinker.inference.quality import load_token_sequences
+from smallthinker.inference.routing import (
+    fit_trace_statistics,
+    record_trace,
+    replay_trace,
+    simulate_cache,
+    synthetic_trace,
+)
+from smallthinker.inference.stats import format_stats, isa_flags
 from smallthinker.inference.store import MANIFEST
 from smallthinker.modeling import load_model_config
 from smallthinker.modeling.modeling_smallthinker import (
@@ -45,24 +60,60 @@ from smallthinker.modeling.modeling_smallthinker import (
 )
 
 PROMPT_LEN = 16
+WARMUP = 3  # decode steps before the measured ones
 MAX_CONTEXT = 128  # KV reservation in the budget: prompt + warm-up + measured tokens fit
 OVERHEAD = "256MiB"
 
 
-def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: int = 0) -> Path:
-    """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there)."""
+def write_random_checkpoint(
+    path: Path,
+    preset: str = "smallthinker-4b",
+    seed: int = 0,
+    gate_sparsity: float | None = None,
+    **overrides,
+) -> Path:
+    """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there).
+
+    `gate_sparsity` (e.g. 0.8) makes the ReGLU gates about that sparse, as trained SmallThinker experts are: the
+    embedding gets a large constant channel 0, which dominates the residual stream (values and `up` ignore it, so
+    no layer adds noise of its size), RMSNorm turns it into a large positive input feature, and every gate row
+    gets a negative weight on it: a bias that puts that share of the gate's pre-activations below zero. Measure
+    the sparsity reached (`train.metrics.neuron_sparsity`); this sets it only roughly.
+    """
     if (path / SAFE_WEIGHTS_INDEX_NAME).exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    config = load_model_config(preset)
+    config = load_model_config(preset, **overrides)
     config.dtype = torch.bfloat16
     config.save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)
+    std, h = config.initializer_range, config.hidden_size
 
     def init(shape: tuple[int, ...]) -> torch.Tensor:  # norms are ones, matrices N(0, initializer_range)
         if len(shape) == 1:
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(*shape, generator=gen) * config.initializer_range).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    bias_weight, channel = None, 30.0
+    if gate_sparsity is not None:
+        # RMSNorm of (C, N(0, std^2) ...): channel 0 -> x0, the others ~ N(0, xr^2); a gate row w has w.x ~
+        # -b * x0 + N(0, (std * xr)^2 * (h - 1)): P(w.x <= 0) = gate_sparsity at b = z * std * xr * sqrt(h-1) / x0.
+        rms = ((channel**2 + std**2 * (h - 1)) / h) ** 0.5
+        x0, xr = channel / rms, std / rms
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(gate_sparsity)).item()
+        bias_weight = z * std * xr * (h - 1) ** 0.5 / x0
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = init(shape)
+        if bias_weight is None:
+            return t
+        if name == "model.embed_tokens.weight":
+            t[:, 0] = channel
+        elif name.endswith(".gate.weight"):
+            t[:, 0] = -bias_weight
+        elif name.endswith((".up.weight", ".v_proj.weight")):
+            t[:, 0] = 0.0
+        return t
 
     # Every tensor of an official file, one shard per layer plus one for the rest.
     shards: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -73,7 +124,7 @@ def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: i
     weight_map = {}
     for shard, shapes in tqdm(sorted(shards.items()), desc="random checkpoint", unit="shard"):
         save_file(
-            {n: init(shape) for n, shape in shapes.items()}, str(path / shard), metadata={"format": "pt"}
+            {n: tensor(n, shape) for n, shape in shapes.items()}, str(path / shard), metadata={"format": "pt"}
         )
         weight_map.update(dict.fromkeys(shapes, shard))
     index = {"metadata": {}, "weight_map": weight_map}
@@ -193,10 +244,14 @@ def active_bytes_per_token(store: ExpertStore, config) -> int:
     return resident + experts
 
 
-def run_offloaded(name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, **kwargs) -> dict:
+def run_offloaded(
+    name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, trace=None, **kwargs
+) -> dict:
+    """Decode under `budget`; with a routing `trace` every router picks the trace's experts."""
     model = load_offloaded(store, memory_budget=budget, max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs)
     engine = model.offload_engine
-    tps = decode_tokens_per_s(model, tokens, warmup=3, on_warm=engine.reset_stats)
+    with replay_trace(model, trace) if trace is not None else contextlib.nullcontext():
+        tps = decode_tokens_per_s(model, tokens, warmup=WARMUP, on_warm=engine.reset_stats)
     stats = engine.stats()
     ex = engine.cache.store
     compute_s = active_bytes_per_token(ex, model.config) / machine["mem_read_bw"]
@@ -212,6 +267,7 @@ def run_offloaded(name: str, store: Path, budget: int, tokens: int, verbose: boo
         "peak_rss_GB": stats["peak_rss_bytes"] / 1e9,
     }
     row["of_roofline"] = row["tok_s"] / row["roofline_tok_s"]
+    row["loads_per_token"] = stats["loads"] / max(stats["tokens"], 1)
     if verbose:
         print(f"--- {name}\n{format_stats(stats)}")
     engine.close()
@@ -257,12 +313,32 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default="/tmp/smallthinker-bench", help="checkpoint and store cache dir")
+    parser.add_argument("--preset", default="smallthinker-4b", help="shapes of the random checkpoint")
     parser.add_argument("--tokens", type=int, default=12, help="measured decode tokens per configuration")
     parser.add_argument("--accelerate-tokens", type=int, default=2)
     parser.add_argument(
         "--memory-budget", default=None, help="single offload run at this budget (e.g. 2.6GB)"
     )
-    parser.add_argument("--only", choices=["all", "offload", "resident", "accelerate"], default="all")
+    parser.add_argument(
+        "--only", choices=["all", "offload", "resident", "accelerate", "curve", "sparsity"], default="all"
+    )
+    parser.add_argument(
+        "--gate-sparsity", type=float, default=0.8, help="--only sparsity: target ReGLU sparsity"
+    )
+    parser.add_argument(
+        "--sparsity-layers", type=int, default=8, help="--only sparsity: depth of its checkpoint"
+    )
+    parser.add_argument(
+        "--skew", type=float, default=1.0, help="Zipf exponent of expert popularity per layer"
+    )
+    parser.add_argument(
+        "--reuse", type=float, default=0.3, help="chance a token keeps a previous token's expert"
+    )
+    parser.add_argument(
+        "--trace-from", default=None, help="trained checkpoint: fit skew and reuse to its routing"
+    )
+    parser.add_argument("--uniform-routing", action="store_true", help="the random weights' own routing")
+    parser.add_argument("--plot", default="offload_curve.png", help="where --only curve writes its PNG")
     parser.add_argument(
         "--threads",
         type=int,
@@ -270,31 +346,21 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads; on a busy shared 2-core machine 2 OpenMP threads run 20x slower than 1",
     )
     parser.add_argument(
-        "--quant-eval", default=None, help="trained checkpoint: int8 vs bf16 experts quality only"
+        "--trace-text",
+        default="data/generated/synthetic/corpus/validation.jsonl",
+        help="held-out text --trace-from routes",
     )
-    parser.add_argument("--quant-eval-text", default="data/generated/synthetic/corpus/validation.jsonl")
-    parser.add_argument("--quant-eval-docs", type=int, default=200)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the engine statistics of each run"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    if args.quant_eval:
-        sequences = load_token_sequences(args.quant_eval, args.quant_eval_text, args.quant_eval_docs)
-        rows = compare_quantisation(args.quant_eval, workdir / "quant-eval", sequences)
-        tokens = sum(s.shape[1] for s in sequences)
-        print(f"\n{len(sequences)} documents, {tokens} tokens of {args.quant_eval_text}")
-        print(
-            "| experts | perplexity | max abs logit err | rel logit err (L2) | top-1 agreement |\n|---|---|---|---|---|"
-        )
-        for r in rows:
-            print(
-                f"| {r['experts']} | {r['perplexity']:.4f} | {r['max_abs_logit_err']:.4f} | "
-                f"{r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
-            )
+    if args.only == "sparsity":
+        print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}")
+        sparsity_rows(args, workdir)
         return
-    ckpt = write_random_checkpoint(workdir / "checkpoint")
+    ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
     store_dir = ensure_store(ckpt, workdir / "store-bf16", "none")
     int8_dir = ensure_store(ckpt, workdir / "store-int8", "int8")
     store = ExpertStore(store_dir)
@@ -309,6 +375,20 @@ def main(argv: list[str] | None = None) -> None:
         return int(fixed + fraction * store.expert_bytes_total)
 
     b25 = parse_bytes(args.memory_budget) if args.memory_budget else budget(0.25)
+    config = load_model_config(args.preset)
+    trace = (
+        None if args.uniform_routing else routing_trace(args, config, PROMPT_LEN + WARMUP + args.tokens + 8)
+    )
+    if args.only == "curve":
+        curve = budget_curve(args, store_dir, store, machine, budget, trace)
+        cols = ["budget_GB", "slots", "tok_s", "sim_tok_s", "hit_rate", "sim_hit_rate", "MB_per_token"]
+        print("\n| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+        for r in curve:
+            print("| " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
+        routing = "synthetic" if trace is not None else "the weights' own"
+        title = f"{args.preset} shapes: offloaded decode vs memory budget ({routing} routing)"
+        print(plot_curve(curve, Path(args.plot), title))
+        return
     rows = []
     if args.only in ("all", "offload"):
         cases = [
@@ -323,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             cases.insert(1, ("offload 50%, prefetch, sparse", store_dir, budget(0.5), {}))
         for name, path, b, kw in cases:
             name = f"{name} [{b / 1e9:.2f} GB]"
-            rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, **kw))
+            rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, trace, **kw))
             print(rows[-1], flush=True)
     if args.only in ("all", "resident"):
         rows.append(run_resident(ckpt, args.tokens, machine, store))
@@ -332,6 +412,126 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_accelerate(ckpt, b25, args.accelerate_tokens, workdir))
         print(rows[-1], flush=True)
     print_table(rows, machine)
+
+
+def routing_trace(args: argparse.Namespace, config, tokens: int) -> torch.Tensor:
+    """The decode benchmark's routing: drawn with the given skew and reuse, or with those fitted to a trained
+    model's trace (`--trace-from`), at the benchmark model's shapes."""
+    skew, reuse = args.skew, args.reuse
+    if args.trace_from:
+        model = AutoModelForCausalLM.from_pretrained(args.trace_from).eval()
+        sequences = load_token_sequences(args.trace_from, args.trace_text, 8)
+        fitted = [fit_trace_statistics(record_trace(model, ids), model.config.moe_num_primary_experts)
+                  for ids in sequences]  # fmt: skip
+        skew = sum(f.skew for f in fitted) / len(fitted)
+        reuse = sum(f.reuse for f in fitted) / len(fitted)
+        print(f"routing fitted to {args.trace_from}: skew {skew:.2f}, reuse {reuse:.2f}", flush=True)
+    trace = synthetic_trace(
+        tokens, config.num_hidden_layers, config.moe_num_primary_experts, config.moe_num_active_primary_experts,
+        skew=skew, reuse=reuse, seed=0,
+    )  # fmt: skip
+    stats = fit_trace_statistics(trace, config.moe_num_primary_experts)
+    print(f"routing trace: skew {stats.skew:.2f}, reuse {stats.reuse:.2f}, top quarter of the experts gets "
+          f"{stats.top_share:.0%} of the assignments", flush=True)  # fmt: skip
+    return trace
+
+
+def budget_curve(args, store_dir: Path, store: ExpertStore, machine, budget, trace) -> list[dict]:
+    """Real engine vs cache simulator over budgets holding 10-100 % of the experts, under the same trace."""
+    rows = []
+    for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
+        b = budget(fraction)
+        row = run_offloaded(
+            f"{fraction:.0%} of experts", store_dir, b, args.tokens, args.verbose, machine, trace
+        )
+        sim = simulate_cache(trace[: PROMPT_LEN + WARMUP + args.tokens], row["slots"],
+                             warmup_tokens=PROMPT_LEN + WARMUP)  # fmt: skip
+        row.update(budget_GB=b / 1e9, fraction=fraction, sim_hit_rate=sim.hit_rate,
+                   sim_loads_per_token=sim.loads_per_token)  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    # Predicted tok/s: the all-resident compute time plus the predicted reads at the measured disk speed.
+    compute_s = 1 / rows[-1]["tok_s"]
+    for row in rows:
+        io_s = row["sim_loads_per_token"] * store.record_bytes / machine["disk_bw"]
+        row["sim_tok_s"] = 1 / (compute_s + io_s)
+    return rows
+
+
+def sparsity_rows(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Neuron-sparse vs dense expert compute, per store format, on a checkpoint whose gates are really sparse:
+    MoE time per token against the ideal 1 / (1/3 + 2/3 * (1 - sparsity)) (gate dense, up and down on live rows)."""
+    from smallthinker.train.metrics import neuron_sparsity
+
+    layers = args.sparsity_layers
+    ckpt = write_random_checkpoint(workdir / f"checkpoint-sparse{args.gate_sparsity}-{layers}l", args.preset,
+                                   gate_sparsity=args.gate_sparsity, num_hidden_layers=layers)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    ids = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    zeros = neuron_sparsity(model, {"input_ids": ids})
+    sparsity = sum(zeros) / len(zeros)
+    ideal = 1 / (1 / 3 + 2 / 3 * (1 - sparsity))
+    del model
+    rows = []
+    for quant in ("none", "int8"):
+        store = ensure_store(ckpt, workdir / f"store-sparse{args.gate_sparsity}-{layers}l-{quant}", quant)
+        measured = {}
+        for mode, kwargs in (("dense", {"sparse": False}), ("sparse", {"sparse_threshold": 1.0})):
+            model = load_offloaded(
+                store, memory_budget="100GB", max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs
+            )
+            engine = model.offload_engine
+            measured[f"tok_s_{mode}"] = decode_tokens_per_s(
+                model, args.tokens, warmup=WARMUP, on_warm=engine.reset_stats
+            )
+            stats = engine.stats()
+            measured[f"moe_ms_{mode}"] = 1e3 * stats["moe_compute_s"] / max(stats["tokens"], 1)
+            engine.close()
+            del model, engine
+            gc.collect()
+        row = {
+            "format": "bf16" if quant == "none" else quant,
+            "sparsity": sparsity,
+            **measured,
+            "ideal": ideal,
+        }
+        row["speedup"] = row["moe_ms_dense"] / row["moe_ms_sparse"]
+        row["of_ideal"] = row["speedup"] / ideal
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nneuron sparsity per layer: {[round(z, 3) for z in zeros]}")
+    cols = ["format", "sparsity", "moe_ms_dense", "moe_ms_sparse", "speedup", "ideal", "of_ideal", "tok_s_dense",
+            "tok_s_sparse"]  # fmt: skip
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3g}" for c in cols) + " |")
+    return rows
+
+
+def plot_curve(rows: list[dict], out: Path, title: str) -> Path:
+    from smallthinker.train.plots import subplots
+
+    fig, axes = subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    x = [r["budget_GB"] for r in rows]
+    panels = [
+        ("decode tok/s", "tok_s", "sim_tok_s"),
+        ("expert cache hit rate", "hit_rate", "sim_hit_rate"),
+        ("MB read per token", "MB_per_token", None),
+    ]
+    for ax, (label, real, sim) in zip(axes, panels):
+        ax.plot(x, [r[real] for r in rows], "o-", label="engine")
+        if sim:
+            ax.plot(x, [r[sim] for r in rows], "s--", label="simulator")
+        for xi, r in zip(x, rows):
+            ax.annotate(f"{r[real]:.3g}", (xi, r[real]), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)  # fmt: skip
+        ax.set_xlabel("memory budget (GB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(out, dpi=120)
+    return out
 
 
 def print_table(rows: list[dict], machine: dict[str, float]) -> None:

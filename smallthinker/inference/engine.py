@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from smallthinker.inference.cache import CacheStats, ExpertCache
+from smallthinker.inference.formats import quantize_model
 from smallthinker.inference.sparse import (
     DEFAULT_SPARSE_THRESHOLD,
     calibrate_sparse_threshold,
@@ -272,22 +273,28 @@ def load_offloaded(
     sparse_threshold: float | None = None,
     verify: bool = True,
     direct: bool = True,
+    weight_format: str | None = None,
 ) -> SmallThinkerForCausalLM:
     """Load a store written by ``convert_checkpoint`` under ``memory_budget``; ``model.offload_engine.stats()``.
 
     ``max_context`` sizes the KV-cache reservation; ``overhead`` is reserved for activations and logits.
     ``sparse_threshold`` (live-neuron fraction) is measured on this machine when not given; ``sparse=False``
-    always computes experts densely. ``verify`` checks each expert's crc32 the first time it is read.
+    always computes experts densely (int4 records always are). ``verify`` checks each expert's crc32 the first
+    time it is read. ``weight_format`` ("bf16", "int8", "int4": the store's expert format) also converts the
+    attention projections and the LM head, so the model equals the resident ``formats.quantize_model(model, fmt)``;
+    None leaves them as stored.
     """
     path = Path(path)
     plan = plan_for_store(path, memory_budget, max_context, overhead)  # fail fast, before allocating
     store = ExpertStore(path, direct=direct)
+    if weight_format is not None:
+        _check_weight_format(weight_format, store)
     config = SmallThinkerConfig.from_pretrained(path)
     resident = load_resident(path / RESIDENT_FILE)
     with torch.device("meta"):
         model = SmallThinkerForCausalLM(config)
     cache = ExpertCache(store, plan.num_slots, policy=policy, io_threads=io_threads, verify=verify)
-    if not sparse:
+    if not sparse or store.quant == "int4":
         threshold = 0.0
     elif sparse_threshold is None:
         threshold = calibrate_sparse_threshold(cache._views[0])
@@ -298,8 +305,20 @@ def load_offloaded(
     for i, layer in enumerate(model.model.layers):
         layer.block_sparse_moe.experts = OffloadedExperts(engine, i)
     _materialize(model, resident)
+    if weight_format is not None:
+        quantize_model(model, weight_format)
     model.offload_engine = engine
     return model.eval()
+
+
+def _check_weight_format(weight_format: str, store: ExpertStore) -> None:
+    expected = "bf16" if store.quant == "none" else store.quant
+    if weight_format != expected or store.dtype != torch.bfloat16:
+        raise ValueError(
+            f"weight_format={weight_format!r} does not match the store at {store.path} ({store.quant} experts, "
+            f"{store.dtype}); convert a bf16 checkpoint with --quant "
+            f"{'none' if weight_format == 'bf16' else weight_format} for it, or pass weight_format={expected!r}"
+        )
 
 
 def _materialize(model: SmallThinkerForCausalLM, resident: dict[str, torch.Tensor]) -> None:

@@ -111,7 +111,11 @@ class DirectFile:
 
 
 def measure_read_bandwidth(file: DirectFile, nbytes: int, chunk: int = 4 << 20) -> float:
-    """Sequential read bandwidth (bytes/s) of the first ``nbytes`` of ``file`` in ``chunk``-sized requests."""
+    """Sequential read bandwidth (bytes/s) of the first ``nbytes`` of ``file`` in ``chunk``-sized requests
+    (smaller requests for a file smaller than one chunk)."""
+    chunk = min(chunk, file.size // ALIGNMENT * ALIGNMENT)
+    if chunk <= 0:
+        raise ValueError(f"{file.path} is smaller than one {ALIGNMENT}-byte block: nothing to measure")
     nbytes = min(nbytes, file.size) // chunk * chunk
     mm, _ = aligned_buffer(chunk)
     view = memoryview(mm)

@@ -1,17 +1,15 @@
-"""How much quantised experts change a model: logit error and perplexity on held-out text."""
+"""How much each weight format changes a model: perplexity, logit error and top-1 agreement on held-out text."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from smallthinker.inference.engine import load_offloaded
-from smallthinker.inference.store import MANIFEST, convert_checkpoint
+from smallthinker.inference.formats import FORMATS, quantize_model
 from smallthinker.modeling import SmallThinkerForCausalLM
 
 
@@ -38,28 +36,43 @@ def _perplexity(logits: list[torch.Tensor], sequences: list[torch.Tensor]) -> fl
     return math.exp(nll / count)
 
 
-def compare_quantisation(
-    checkpoint: str | os.PathLike, workdir: str | os.PathLike, sequences: list[torch.Tensor]
-) -> list[dict[str, float]]:
-    """bf16 experts (reference) vs int8 experts from the same bf16 checkpoint, both through the offload engine."""
-    workdir = Path(workdir)
-    bf16_ckpt = workdir / "checkpoint-bf16"
-    if not bf16_ckpt.exists():
-        SmallThinkerForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(bf16_ckpt)
-    rows, reference = [], None
-    for quant in ("none", "int8"):
-        store = workdir / f"store-{quant}"
-        if not (store / MANIFEST).exists():
-            convert_checkpoint(bf16_ckpt, store, quant=quant)
-        model = load_offloaded(store, memory_budget="100GB", max_context=4096, sparse=False)
+def compare_formats(
+    checkpoint: str | os.PathLike, sequences: list[torch.Tensor], formats: tuple[str, ...] = FORMATS
+) -> list[dict[str, float | str]]:
+    """Each weight format of the checkpoint against the bf16 model (the first row): perplexity, logit errors and
+    top-1 agreement on `sequences`. The offloaded model of a format is the same model (tested), so this is its
+    quality too."""
+    rows: list[dict[str, float | str]] = []
+    reference = None
+    for fmt in formats:
+        model = quantize_model(SmallThinkerForCausalLM.from_pretrained(checkpoint).eval(), fmt)
         logits = _logits(model, sequences)
-        model.offload_engine.close()
-        row = {"experts": "bf16" if quant == "none" else "int8", "perplexity": _perplexity(logits, sequences)}
-        if reference is None:
-            reference = logits
+        del model
+        reference = logits if reference is None else reference
         all_ref, all_new = torch.cat(reference), torch.cat(logits)
-        row["max_abs_logit_err"] = (all_new - all_ref).abs().max().item()
-        row["rel_logit_err"] = ((all_new - all_ref).norm() / all_ref.norm()).item()
-        row["top1_agreement"] = (all_new.argmax(-1) == all_ref.argmax(-1)).float().mean().item()
-        rows.append(row)
+        rows.append(
+            {
+                "format": fmt,
+                "perplexity": _perplexity(logits, sequences),
+                "max_abs_logit_err": (all_new - all_ref).abs().max().item(),
+                "rel_logit_err": ((all_new - all_ref).norm() / all_ref.norm()).item(),
+                "top1_agreement": (all_new.argmax(-1) == all_ref.argmax(-1)).float().mean().item(),
+            }
+        )
+    base = rows[0]["perplexity"]
+    for row in rows:
+        row["perplexity_vs_bf16"] = row["perplexity"] / base - 1
     return rows
+
+
+def format_quality_table(rows: list[dict[str, float | str]]) -> str:
+    lines = [
+        "| format | perplexity | vs bf16 | max abs logit err | rel logit err (L2) | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['format']} | {r['perplexity']:.4f} | {r['perplexity_vs_bf16']:+.2%} | "
+            f"{r['max_abs_logit_err']:.4f} | {r['rel_logit_err']:.4f} | {r['top1_agreement']:.4f} |"
+        )
+    return "\n".join(lines)

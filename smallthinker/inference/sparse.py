@@ -18,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from smallthinker.inference.formats import DEFAULT_GROUP_SIZE as INT4_GROUP_SIZE
+from smallthinker.inference.formats import int4_linear
 from smallthinker.inference.quant import int8_linear
 
 DEFAULT_SPARSE_THRESHOLD = 0.4  # live-neuron fraction below which the sparse path is used, if not calibrated
@@ -25,6 +27,10 @@ DEFAULT_SPARSE_THRESHOLD = 0.4  # live-neuron fraction below which the sparse pa
 
 def reglu_dense(x_TH: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """One expert on T tokens -> [T, H]."""
+    if "gate_q4" in w:
+        g_TF = int4_linear(x_TH, w["gate_q4"], w["gate_sz"], INT4_GROUP_SIZE)
+        u_TF = int4_linear(x_TH, w["up_q4"], w["up_sz"], INT4_GROUP_SIZE)
+        return int4_linear(F.relu(g_TF) * u_TF, w["down_q4"], w["down_sz"], INT4_GROUP_SIZE)
     if "gate_q" in w:
         g_TF = int8_linear(x_TH, w["gate_q"], w["gate_scale"])
         u_TF = int8_linear(x_TH, w["up_q"], w["up_scale"])
@@ -34,7 +40,10 @@ def reglu_dense(x_TH: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def reglu_decode(x_1H: torch.Tensor, w: dict[str, torch.Tensor], threshold: float) -> torch.Tensor:
-    """One expert on one token -> [1, H]; neuron-sparse when few enough gate neurons are alive."""
+    """One expert on one token -> [1, H]; neuron-sparse when few enough gate neurons are alive (bf16 and int8
+    records: the int4 kernel's packed rows cannot be gathered one neuron at a time)."""
+    if "gate_q4" in w:
+        return reglu_dense(x_1H, w)
     if "gate_q" in w:
         g_1F = int8_linear(x_1H, w["gate_q"], w["gate_scale"])
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -40,3 +41,14 @@ def format_stats(stats: dict[str, float]) -> str:
         else:
             lines.append(f"{key:>24}: {value}")
     return "\n".join(lines)
+
+
+def isa_flags() -> str:
+    """The SIMD extensions that decide which kernels run (AVX2, AVX-512 and its bf16 / VNNI parts, AMX)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512"

@@ -6,7 +6,9 @@ Layout of a store directory (written once by ``convert_checkpoint``):
   A record holds one expert's three matrices back to back, laid out for the decode kernels:
   ``gate [F, H]`` and ``up [F, H]`` (rows = neurons, so neuron-sparse ``up`` is a row gather) and
   ``down_t [F, H]`` (``down`` transposed, so its neuron rows are contiguous too). The int8 store keeps
-  ``down [H, F]`` untransposed because the int8 kernel wants ``[out, in]``, plus per-channel scales.
+  ``down [H, F]`` untransposed because the int8 kernel wants ``[out, in]``, plus per-channel scales. The int4
+  store keeps ``gate``, ``up`` and ``down`` in the int4 kernel's packed layout with per-group scales and zeros
+  (``formats.quantize_int4_groups``); the manifest records the layout's signature, checked at load.
 - ``manifest.json``: shapes, dtypes, offsets and a crc32 per record.
 - ``resident.safetensors``: every non-expert weight (embeddings, attention, norms, routers, head),
   loaded into memory at start-up. A tied ``lm_head`` is not stored twice.
@@ -28,6 +30,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from smallthinker.inference.formats import (
+    DEFAULT_GROUP_SIZE as INT4_GROUP_SIZE,
+)
+from smallthinker.inference.formats import (
+    int4_layout_signature,
+    pack_int4_for_kernel,
+    quantize_int4_groups,
+)
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer
 from smallthinker.inference.quant import quantize_int8_rows
 from smallthinker.modeling.modeling_smallthinker import (
@@ -42,9 +52,15 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 EXPERTS_FILE = "experts.bin"
 RESIDENT_FILE = "resident.safetensors"
-QUANT_MODES = ("none", "int8")
+QUANT_MODES = ("none", "int8", "int4")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
 
 
 class StoreError(ValueError):
@@ -82,6 +98,16 @@ def record_layout(quant: str, dtype: torch.dtype, hidden: int, ffn: int) -> tupl
             ("gate_scale", dname, (ffn,)),
             ("up_scale", dname, (ffn,)),
             ("down_scale", dname, (hidden,)),
+        ]
+    elif quant == "int4":
+        g = INT4_GROUP_SIZE
+        specs = [
+            ("gate_q4", "uint8", (ffn, hidden // 2)),
+            ("up_q4", "uint8", (ffn, hidden // 2)),
+            ("down_q4", "uint8", (hidden, ffn // 2)),
+            ("gate_sz", dname, (hidden // g, ffn, 2)),
+            ("up_sz", dname, (hidden // g, ffn, 2)),
+            ("down_sz", dname, (ffn // g, hidden, 2)),
         ]
     else:
         raise ValueError(f"unknown quantisation {quant!r}; choose one of {QUANT_MODES}")
@@ -130,11 +156,25 @@ class _CheckpointReader:
         return gate_FH, up_FH, self.get(f"{prefix}.down_proj")[j]
 
 
+def _int4_parts(name: str, w_NK: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    codes, scales_zeros = quantize_int4_groups(w_NK, INT4_GROUP_SIZE)
+    return {f"{name}_q4": pack_int4_for_kernel(codes), f"{name}_sz": scales_zeros.to(dtype)}
+
+
+def int4_layouts(hidden: int, ffn: int) -> dict[str, int]:
+    """The int4 kernel layout signatures of the expert shapes (written to and checked against the manifest)."""
+    return {f"{n}x{k}": int4_layout_signature(n, k) for n, k in ((ffn, hidden), (hidden, ffn))}
+
+
 def _pack_record(
     gate_FH: torch.Tensor, up_FH: torch.Tensor, down_HF: torch.Tensor, quant: str, slots, record_bytes: int
 ) -> bytes:
     if quant == "none":
         parts = {"gate": gate_FH, "up": up_FH, "down_t": down_HF.t()}
+    elif quant == "int4":
+        dtype = gate_FH.dtype
+        parts = {**_int4_parts("gate", gate_FH, dtype), **_int4_parts("up", up_FH, dtype)}
+        parts |= _int4_parts("down", down_HF, dtype)
     else:
         dtype = gate_FH.dtype
         (gq, gs), (uq, us), (dq, ds) = (quantize_int8_rows(w, dtype) for w in (gate_FH, up_FH, down_HF))
@@ -179,6 +219,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, quant: st
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
         "quant": quant,
+        **(
+            {"group_size": INT4_GROUP_SIZE, "int4_layouts": int4_layouts(hidden, ffn)}
+            if quant == "int4"
+            else {}
+        ),
         "dtype": str(dtype).removeprefix("torch."),
         "num_layers": num_layers,
         "num_experts": num_experts,
@@ -264,8 +309,19 @@ class ExpertStore:
         self.num_layers, self.num_experts = m["num_layers"], m["num_experts"]
         self.record_bytes = m["record_bytes"]
         self.slots = [TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), t["offset"]) for t in m["tensors"]]
+        self._check_int4_layout()
         self.file = DirectFile(self.path / EXPERTS_FILE, direct=direct)
         self._check_size()
+
+    def _check_int4_layout(self) -> None:
+        if self.quant != "int4":
+            return
+        m = self.manifest
+        if int4_layouts(m["hidden_size"], m["ffn_size"]) != m["int4_layouts"]:
+            raise StoreError(
+                f"{self.path} holds int4 weights packed for another CPU kernel layout (another machine or torch "
+                "build); convert the checkpoint again here: python -m scripts.convert_store --quant int4 ..."
+            )
 
     def _check_size(self) -> None:
         for layer, row in enumerate(self.manifest["experts"]):

@@ -1,0 +1,318 @@
+"""Batch-1 decode and prefill, ours per weight format against llama.cpp on the same weights, in one run.
+
+    flock /tmp/smallthinker-bench.lock .venv/bin/python -m scripts.bench_decode --workdir /tmp/st-decode
+    .venv/bin/python -m scripts.bench_decode --preset tiny-4b-style --workdir /tmp/st-decode-tiny   # a quick check
+
+Writes a random checkpoint with the preset's shapes in the official layout once (bf16, N(0, 0.02); 8 GB for the
+4B), then for each thread count: our resident model in bf16, int8 and int4 (`formats.quantize_model`), and, when
+`llama-cpp-python` is installed (`pip install -e ".[bench]"`; it builds llama.cpp from source), llama.cpp on GGUFs
+made from the same checkpoint by llama.cpp's own converter (BF16, Q8_0) and its quantize API (Q4_0). The
+converter is the `convert_hf_to_gguf.py` of a llama.cpp source tree: `--llama-cpp-src DIR` (the sdist's
+`vendor/llama.cpp`). Random weights need no real vocabulary: the checkpoint gets a small byte-level BPE
+tokenizer, and the converter is told it uses Qwen2's pre-tokenizer (it cannot recognise an unknown one).
+
+`--quality CHECKPOINT` instead reports each format's quality on held-out text (perplexity, logit errors, top-1
+agreement against bf16).
+
+Each measurement: a 16-token prompt (prefill tok/s), then 32 greedy tokens one at a time (decode tok/s, median
+of per-token times). The table names the CPU's ISA flags; ratios compare the same bit width in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from scripts.bench_offload import write_random_checkpoint
+from smallthinker.inference.formats import FORMATS, quantize_model
+from smallthinker.inference.quality import compare_formats, format_quality_table, load_token_sequences
+from smallthinker.inference.stats import isa_flags
+from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
+
+PROMPT_LEN, DECODE_TOKENS, WARMUP = 16, 32, 3
+LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(100, min(vocab, 1000), (PROMPT_LEN,), generator=gen).tolist()
+
+
+def write_tokenizer(ckpt: Path) -> None:
+    """A small byte-level BPE tokenizer next to random weights (llama.cpp's converter needs one)."""
+    if (ckpt / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog " * 4, "sparse experts decode on laptops"] * 50
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(ckpt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ours
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def time_ours(model: SmallThinkerForCausalLM, ids: list[int]) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of greedy batch-1 generation with a KV cache."""
+    prompt = torch.tensor([ids])
+    cache = DynamicCache(config=model.config)
+    model(
+        prompt[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True
+    )  # warm the kernels
+    start = time.perf_counter()
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    prefill = len(ids) / (time.perf_counter() - start)
+    times = []
+    for _ in range(WARMUP + DECODE_TOKENS):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        logits = model(nxt, past_key_values=cache, use_cache=True).logits
+        times.append(time.perf_counter() - start)
+    return prefill, 1 / statistics.median(times[WARMUP:])
+
+
+def run_ours(ckpt: Path, fmt: str, threads: int, ids: list[int]) -> dict:
+    torch.set_num_threads(threads)
+    model = SmallThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    model = quantize_model(model, fmt)
+    gc.collect()
+    prefill, decode = time_ours(model, ids)
+    del model
+    gc.collect()
+    return {
+        "system": f"ours, resident {fmt}",
+        "format": fmt,
+        "threads": threads,
+        "prefill": prefill,
+        "decode": decode,
+    }
+
+
+def run_default(ckpt: Path, threads: int, ids: list[int]) -> dict:
+    """The model as `from_pretrained` gives it (its default experts implementation), as the baseline."""
+    torch.set_num_threads(threads)
+    model = SmallThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    prefill, decode = time_ours(model, ids)
+    name = f"ours, bf16, {model.config._experts_implementation} experts"
+    del model
+    gc.collect()
+    return {"system": name, "format": "bf16", "threads": threads, "prefill": prefill, "decode": decode}
+
+
+@torch.no_grad()
+def per_token_overhead(preset: str, fmt: str, threads: int) -> dict:
+    """Time of one decode step of a one-layer model with the preset's layer shapes minus the time of its weight
+    kernels alone (the same matrices, called back to back on one token): what the step adds per layer (Python,
+    dispatch, routing, cache, norms, attention), scaled to the preset's depth and compared with a full step."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = load_model_config(preset, num_hidden_layers=1, vocab_size=256)
+    model = quantize_model(SmallThinkerForCausalLM(config).eval(), fmt)
+    layer = model.model.layers[0]
+    attn, experts = layer.self_attn, layer.block_sparse_moe.experts
+    router = layer.block_sparse_moe.primary_router
+    k = config.moe_num_active_primary_experts
+    x = torch.randn(1, 1, config.hidden_size, dtype=torch.bfloat16)
+    h = torch.randn(1, 1, config.moe_ffn_hidden_size, dtype=torch.bfloat16)
+    q_out = torch.randn(1, 1, config.num_attention_heads * config.head_dim, dtype=torch.bfloat16)
+
+    def kernels() -> None:
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(q_out), router(x)
+        for e in range(k):
+            experts.gate_up[e](x), experts.down[e](h)
+
+    cache = DynamicCache(config=model.config)
+    model(torch.tensor([list(range(8))]), past_key_values=cache, use_cache=True)
+    step_times, kernel_times = [], []
+    for i in range(WARMUP + DECODE_TOKENS):
+        start = time.perf_counter()
+        model(torch.tensor([[i % 200]]), past_key_values=cache, use_cache=True)
+        step_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        kernels()
+        kernel_times.append(time.perf_counter() - start)
+    step, kernel = statistics.median(step_times[WARMUP:]), statistics.median(kernel_times[WARMUP:])
+    return {"format": fmt, "threads": threads, "layer_step_ms": 1e3 * step, "layer_kernels_ms": 1e3 * kernel}
+
+
+# ------------------------------------------------------------------------------------------------
+# llama.cpp
+# ------------------------------------------------------------------------------------------------
+def convert_to_gguf(ckpt: Path, out: Path, outtype: str, src: Path) -> Path:
+    """llama.cpp's own HF -> GGUF converter, run in a subprocess with the Qwen2 pre-tokenizer assumed."""
+    if out.exists():
+        return out
+    code = (
+        "import sys, runpy\n"
+        f"sys.path.insert(0, {str(src)!r})\n"
+        "from conversion import base\n"
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(ckpt)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}]\n"
+        f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+    return out
+
+
+def quantize_gguf(src_gguf: Path, out: Path, ftype_name: str) -> Path:
+    """llama.cpp's quantize API (`llama_model_quantize`), e.g. BF16 -> Q4_0."""
+    if out.exists():
+        return out
+    llama_cpp = importlib.import_module("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(out).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({status}) for {out}")
+    return out
+
+
+def time_llama(gguf: Path, threads: int, ids: list[int]) -> tuple[float, float]:
+    llama_cpp = importlib.import_module("llama_cpp")
+    llm = llama_cpp.Llama(
+        model_path=str(gguf), n_ctx=128, n_threads=threads, n_threads_batch=threads, n_batch=64, verbose=False
+    )
+    llm.eval(ids[:4])  # warm
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - start)
+    times = []
+    for _ in range(WARMUP + DECODE_TOKENS):
+        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        start = time.perf_counter()
+        llm.eval([nxt])
+        times.append(time.perf_counter() - start)
+    llm.close()
+    return prefill, 1 / statistics.median(times[WARMUP:])
+
+
+def llama_ggufs(ckpt: Path, workdir: Path, src: Path) -> dict[str, Path]:
+    bf16 = convert_to_gguf(ckpt, workdir / "model-BF16.gguf", "bf16", src)
+    q8 = convert_to_gguf(ckpt, workdir / "model-Q8_0.gguf", "q8_0", src)
+    q4 = quantize_gguf(bf16, workdir / "model-Q4_0.gguf", "Q4_0")
+    return {"bf16": bf16, "int8": q8, "int4": q4}
+
+
+# ------------------------------------------------------------------------------------------------
+# Table
+# ------------------------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| system | threads | decode tok/s | prefill tok/s | decode vs llama.cpp (same bits) |",
+        "|---|---|---|---|---|",
+    ]
+    llama = {(r["format"], r["threads"]): r["decode"] for r in rows if r["system"].startswith("llama.cpp")}
+    for r in rows:
+        ref = llama.get((r["format"], r["threads"]))
+        ratio = f"{r['decode'] / ref:.2f}×" if ref and not r["system"].startswith("llama.cpp") else ""
+        lines.append(f"| {r['system']} | {r['threads']} | {r['decode']:.2f} | {r['prefill']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def overhead_table(overheads: list[dict], rows: list[dict], num_layers: int) -> str:
+    """Per-token overhead (step minus weight kernels, per layer, times the depth) against the full decode step."""
+    full = {
+        (r["format"], r["threads"]): 1e3 / r["decode"]
+        for r in rows
+        if r["system"].startswith("ours, resident")
+    }
+    lines = [
+        f"\nPer-token overhead: a one-layer model's decode step minus its weight kernels, x {num_layers} layers",
+        "| format | threads | layer step ms | layer kernels ms | overhead per token ms | of a full step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in overheads:
+        per_token = num_layers * (o["layer_step_ms"] - o["layer_kernels_ms"])
+        step = full.get((o["format"], o["threads"]))
+        share = f"{per_token / step:.1%}" if step else ""
+        lines.append(f"| {o['format']} | {o['threads']} | {o['layer_step_ms']:.3f} | {o['layer_kernels_ms']:.3f} | "
+                     f"{per_token:.2f} | {share} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def record(row: dict, rows: list[dict]) -> None:
+    rows.append(row)
+    print(f"  {row['system']:<32} threads {row['threads']}: decode {row['decode']:.2f} tok/s, "
+          f"prefill {row['prefill']:.1f} tok/s", flush=True)  # fmt: skip
+
+
+def run_llama(gguf: Path, fmt: str, threads: int, ids: list[int]) -> dict:
+    prefill, decode = time_llama(gguf, threads, ids)
+    return {"system": f"llama.cpp {LLAMA_TYPES[fmt]}", "format": fmt, "threads": threads, "prefill": prefill,
+            "decode": decode}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="smallthinker-4b")
+    parser.add_argument("--workdir", default="/tmp/smallthinker-decode")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument(
+        "--llama-cpp-src", default=None, help="llama.cpp source tree with convert_hf_to_gguf.py"
+    )
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the default-experts bf16 row")
+    parser.add_argument(
+        "--quality", default=None, help="a trained checkpoint: quality of each format, then exit"
+    )
+    parser.add_argument("--quality-text", default="data/generated/synthetic/corpus/validation.jsonl")
+    parser.add_argument("--quality-docs", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.quality:
+        sequences = load_token_sequences(args.quality, args.quality_text, args.quality_docs)
+        tokens = sum(s.shape[1] for s in sequences)
+        print(f"{args.quality}: {len(sequences)} documents, {tokens} tokens of {args.quality_text}\n")
+        print(format_quality_table(compare_formats(args.quality, sequences)))
+        return
+    workdir = Path(args.workdir)
+    ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
+    write_tokenizer(ckpt)
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    ids = prompt_ids(vocab)
+    formats = args.formats.split(",")
+    ggufs = {}
+    if args.llama_cpp_src:
+        ggufs = llama_ggufs(ckpt, workdir, Path(args.llama_cpp_src))
+    print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows: list[dict] = []
+    overheads: list[dict] = []
+    num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    for threads in (int(t) for t in args.threads.split(",")):
+        if not args.no_baseline:
+            record(run_default(ckpt, threads, ids), rows)
+        for fmt in formats:
+            overheads.append(per_token_overhead(args.preset, fmt, threads))
+            record(run_ours(ckpt, fmt, threads, ids), rows)
+            if fmt in ggufs:
+                record(run_llama(ggufs[fmt], fmt, threads, ids), rows)
+    print(f"\n{args.preset}, random weights, batch 1, {PROMPT_LEN}-token prompt, {DECODE_TOKENS} decode tokens "
+          f"(median); ISA: {isa_flags()}; load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    print(table(rows))
+    print(overhead_table(overheads, rows, num_layers))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

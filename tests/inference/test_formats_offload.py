@@ -1,0 +1,58 @@
+"""Each weight format offloaded is the same model as resident: greedy tokens identical, logits equal to
+kernel rounding; int4 stores refuse a kernel layout they were not packed for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smallthinker.inference import load_offloaded
+from smallthinker.inference.formats import FORMATS, quantize_model
+from smallthinker.inference.store import MANIFEST, ExpertStore, StoreError, convert_checkpoint
+from smallthinker.modeling import SmallThinkerForCausalLM
+from tests.inference.conftest import build_checkpoint
+
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    model, _ = build_checkpoint("tiny-21b-style", root)
+    ckpt = root / "ckpt-bf16"
+    model.to(torch.bfloat16).save_pretrained(ckpt)
+    return root, ckpt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_offloaded_equals_resident_in_every_format(bf16_checkpoint, fmt):
+    root, ckpt = bf16_checkpoint
+    store = convert_checkpoint(ckpt, root / f"store-{fmt}", quant="none" if fmt == "bf16" else fmt)
+    resident = quantize_model(SmallThinkerForCausalLM.from_pretrained(ckpt).eval(), fmt)
+    offloaded = load_offloaded(store, memory_budget="1GB", max_context=64, weight_format=fmt, sparse=False)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(PROMPT).logits, resident(PROMPT).logits, atol=2e-2, rtol=0)
+            kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            assert torch.equal(offloaded.generate(PROMPT, **kwargs), resident.generate(PROMPT, **kwargs))
+    finally:
+        offloaded.offload_engine.close()
+
+
+def test_weight_format_must_match_the_store(bf16_checkpoint):
+    root, ckpt = bf16_checkpoint
+    store = convert_checkpoint(ckpt, root / "store-mismatch", quant="int8")
+    with pytest.raises(ValueError, match=r"weight_format=.int4. does not match the store .* \(int8 experts"):
+        load_offloaded(store, memory_budget="1GB", max_context=64, weight_format="int4")
+
+
+def test_int4_store_refuses_another_kernel_layout(bf16_checkpoint):
+    root, ckpt = bf16_checkpoint
+    store = convert_checkpoint(ckpt, root / "store-layout", quant="int4")
+    manifest = json.loads((store / MANIFEST).read_text())
+    manifest["int4_layouts"] = {k: v ^ 1 for k, v in manifest["int4_layouts"].items()}
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="packed for another CPU kernel layout"):
+        ExpertStore(store)
