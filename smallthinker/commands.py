@@ -443,7 +443,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("--dst", required=True, help="directory for the store (new or empty)")
-    parser.add_argument("--quant", choices=("none", "int8"), default="none", help="expert weight format")
+    # The same names as smallthinker.inference.store.QUANT_MODES (not imported: --help stays instant).
+    parser.add_argument(
+        "--quant", choices=("none", "int8", "int4"), default="none", help="expert weight format"
+    )
     parser.add_argument("--verify", action="store_true", help="read the store back and check every checksum")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store in --dst")
 

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from smallthinker.cli import main
 from smallthinker.commands import COMMANDS
+from smallthinker.inference.store import QUANT_MODES
 from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
 from tests.train.fixtures_data import chat_tokenizer
 
@@ -74,6 +75,8 @@ def test_every_command_has_help_with_an_example(capsys):
         assert done.value.code == 0
         out = capsys.readouterr().out
         assert f"smallthinker {name}" in out.split("example", 1)[1], name
+        if name == "convert-store":  # its --quant choices are the store's formats
+            assert "{" + ",".join(QUANT_MODES) + "}" in out
 
 
 def test_bad_override_and_missing_or_empty_data(tmp_path, capsys, monkeypatch):
