@@ -228,13 +228,12 @@ def _plot_heldout_curve(curve: list[dict[str, Any]], pretrain_steps: int, path: 
         offset = 0 if stage == "pre-training" else pretrain_steps
         xs = [offset + p["step"] for p in points]
         ys = [100 * p["exact_match"] for p in points]
-        ax.plot(
-            xs, ys, marker="o", color=color, label=stage, linestyle="-" if stage == "pre-training" else "none"
-        )
+        merged = stage == "SFT + merged"  # at the last SFT step: drawn as a diamond, labelled below the point
+        ax.plot(xs, ys, marker="D" if merged else "o", color=color, label=stage,
+                linestyle="-" if stage == "pre-training" else "none")  # fmt: skip
         for x, y in zip(xs, ys):
-            ax.annotate(
-                f"{y:.0f} %", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small"
-            )
+            ax.annotate(f"{y:.0f} %", (x, y), textcoords="offset points", xytext=(0, -14 if merged else 6),
+                        ha="center", fontsize="small", color=color if merged else "black")  # fmt: skip
     ax.axvline(pretrain_steps, color="grey", linestyle=":", linewidth=1)
     ax.set_ylim(0, 105)
     ax.set_xlabel("optimizer step (SFT steps counted after the pre-training steps)")
