@@ -125,12 +125,18 @@ def prepare_synthetic(
 
 
 def _check_replaceable(out: Path, existing: dict | None, params: dict, overwrite: bool) -> None:
-    if existing is not None and not overwrite:
+    # A folder an older version of this generator wrote with the same parameters is regenerated without asking:
+    # it holds nothing but our own output, and the new format is what the current code reads.
+    older_format = existing is not None and {
+        k: v for k, v in existing["params"].items() if k != "format_version"
+    } == {k: v for k, v in params.items() if k != "format_version"}
+    if existing is not None and not overwrite and not older_format:
         changed = {
             k: (existing["params"].get(k), v) for k, v in params.items() if existing["params"].get(k) != v
         }
         raise ValueError(f"{out} holds synthetic data made with other parameters (old, new): {changed}; "
-                         "pass overwrite=True (--overwrite) to replace it, or choose another folder")  # fmt: skip
+                         "replace it (python -m scripts.make_synthetic --overwrite with the new parameters) or "
+                         "choose another folder")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the synthetic data")
     if existing is None and out.exists() and any(out.iterdir()):

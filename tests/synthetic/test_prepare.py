@@ -73,6 +73,18 @@ def test_other_parameters_need_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no temporary folders left behind
 
 
+def test_a_folder_of_an_older_format_is_regenerated(tmp_path):
+    out = tmp_path / "syn"
+    first = prepare_synthetic(out, seed=0, **SMALL)
+    manifest = json.loads(first["manifest"].read_text())
+    current = manifest["params"]["format_version"]
+    manifest["params"]["format_version"] = current - 1
+    first["manifest"].write_text(json.dumps(manifest))
+    again = prepare_synthetic(out, seed=0, **SMALL)
+    assert json.loads(again["manifest"].read_text())["params"]["format_version"] == current
+    assert again["chat_train"].is_file()
+
+
 def test_foreign_folder_is_never_touched(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a synthetic data folder"):
