@@ -542,7 +542,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft-steps", type=int, help="SFT steps (default: the demo's)")
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per task (per MMLU subject)")
     parser.add_argument(
-        "--reduced", action="store_true", help="the short version the tests run (about 1 minute)"
+        "--reduced", action="store_true", help="the short version the tests run (under a minute)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     parser.add_argument("--verbose", action="store_true", help="show library progress output")
@@ -663,7 +663,7 @@ COMMANDS: tuple[Command, ...] = (
         "Synthetic corpus and tokenizer -> pre-train -> SFT -> merge -> lm-eval -> chat through the offload "
         "engine under budgets smaller than the model -> runs/quickstart/report.md with plots.",
         """examples:
-  smallthinker demo --overwrite      # about 5 minutes on 2 cores
+  smallthinker demo --overwrite      # about 3 minutes on 2 cores
   smallthinker demo --reduced --out runs/demo_small""",
         add_demo_arguments,
         run_demo,

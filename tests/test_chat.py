@@ -141,3 +141,15 @@ def test_clear_errors(tmp_path, saved):
         load_chat_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="not an expert store"):
         load_chat_model(saved, offload=True)
+
+
+def test_a_one_token_reply_reports_no_decode_rate():
+    """A reply of one token has no decode phase: its stats line leaves the rate out instead of printing nan."""
+    from smallthinker.chat import ChatReply
+
+    one = ChatReply("x", prompt_tokens=5, new_tokens=1, seconds=0.5, first_token_seconds=0.5, token_ids=[7])
+    assert one.stats_line() == "[1 tokens in 0.50 s: 2.00 tok/s, prompt 5 tokens, first token 0.50 s]"
+    two = ChatReply(
+        "xy", prompt_tokens=5, new_tokens=3, seconds=1.0, first_token_seconds=0.5, token_ids=[7, 8, 9]
+    )
+    assert "decode 4.00 tok/s" in two.stats_line()
