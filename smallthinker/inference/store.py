@@ -320,7 +320,7 @@ class ExpertStore:
         if int4_layouts(m["hidden_size"], m["ffn_size"]) != m["int4_layouts"]:
             raise StoreError(
                 f"{self.path} holds int4 weights packed for another CPU kernel layout (another machine or torch "
-                "build); convert the checkpoint again here: python -m scripts.convert_store --quant int4 ..."
+                "build); convert the checkpoint again here: smallthinker convert-store --quant int4 ..."
             )
 
     def _check_size(self) -> None:

@@ -126,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     synthetic_dir: str | None = None
     """The offline synthetic corpus + tokenizer directory: the tokenizer's default source. The entry points
-    (`scripts.pretrain`, `scripts.sft`, the quickstart) generate it there first when missing."""
+    (`smallthinker pretrain`, `smallthinker sft`, the demo) generate it there first when missing."""
     precision: Precision = "fp32"
     cpu: bool | None = None
     """Train on CPU; None = on CPU exactly when no CUDA device is present. Several CPU processes
