@@ -34,8 +34,10 @@ def safetensors_problem(path: Path) -> str | None:
             if len(prefix) < 8:
                 return f"{path} is truncated ({size} bytes, shorter than a safetensors header)"
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                return f"{path} is truncated or not a safetensors file (header of {header_len} bytes, file {size})"
+            if header_len > MAX_HEADER_BYTES:
+                return f"{path} is not a safetensors file (its first 8 bytes give a {header_len}-byte header)"
+            if header_len > size - 8:
+                return f"{path} is truncated: {size} bytes, shorter than its {8 + header_len}-byte header"
             header = json.loads(f.read(header_len))
     except OSError as err:
         return f"{path} cannot be read ({err.strerror or err})"

@@ -289,8 +289,13 @@ def test_resume_latest_skips_a_damaged_checkpoint(small_corpus, tmp_path, capsys
     args = ["pretrain", *tiny_run_args(tmp_path, small_corpus), "--checkpoint.every=2"]
     assert main([*args, "--max_steps=4"]) == 0
     newest = tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors"
+    header_len = int.from_bytes(newest.read_bytes()[:8], "little")
     os.truncate(newest, 100)
     capsys.readouterr()
+    assert error_of([*args, "--max_steps=6", "--resume", str(newest.parent)], capsys) == (
+        f"smallthinker pretrain: error: cannot resume from {newest.parent}: {newest} is truncated: 100 bytes, "
+        f"shorter than its {8 + header_len}-byte header; resume from another checkpoint of the run"
+    )
     assert main([*args, "--max_steps=6", "--resume", "latest"]) == 0
     err = capsys.readouterr().err
     assert f"skipping the incomplete checkpoint {newest.parent}: {newest} is truncated" in err

@@ -82,6 +82,11 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
             f"{path} is not a training checkpoint (no {STATE_FILE}); to start from weights only, "
             "use --model.init_from instead"
         )
+    problem = resume_problem(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot resume from {path}: {problem}; resume from another checkpoint of the run"
+        )
     return path
 
 
