@@ -187,7 +187,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_
     # DCP has tensors of the right layout to load into.
     model_state, optimizer_state = get_state_dict(model, optim)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR)
+    # One process without a process group (a sharded run resumed unsharded) reads every shard itself.
+    dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR, no_dist=not dist.is_initialized())
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

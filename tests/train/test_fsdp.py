@@ -71,7 +71,11 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
     """fp32 tolerance: sharded reductions sum in another order than one process does."""
     assert len(a) == len(b) and a
     for x, y in zip(a, b):
-        assert (x["step"], x["target_tokens"], x["tokens_seen"]) == (y["step"], y["target_tokens"], y["tokens_seen"])
+        assert (x["step"], x["target_tokens"], x["tokens_seen"]) == (
+            y["step"],
+            y["target_tokens"],
+            y["tokens_seen"],
+        )
         for key in ("loss", "aux_loss", "z_loss"):
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
@@ -127,7 +131,10 @@ def test_two_sharded_processes_match_one_process(sharded_run, single_run):
     # Each rank wrote its own shard file; the optimizer lives there, not in a gathered optimizer.pt.
     assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not (step / "optimizer.pt").exists()
-    assert {p.name for p in step.glob("*.py")} == {"configuration_smallthinker.py", "modeling_smallthinker.py"}
+    assert {p.name for p in step.glob("*.py")} == {
+        "configuration_smallthinker.py",
+        "modeling_smallthinker.py",
+    }
     # The save_pretrained copy: official tensor names on disk, loadable in one process.
     with safe_open(step / "model.safetensors", "pt") as f:
         assert "model.layers.0.block_sparse_moe.experts.3.gate.weight" in f.keys()
@@ -164,9 +171,13 @@ def test_resume_two_processes_onto_one(base, sharded_run, single_run):
 def test_resume_onto_another_layout_refuses_what_differs(base, sharded_run):
     source = sharded_run / "checkpoints" / "step_00000002"
     resume = f"checkpoint.resume={source}"
-    with pytest.raises(ConfigError, match=r"global batch is 2 x 1 x 2 = 4 sequences.*set --grad_accum_steps=2"):
+    with pytest.raises(
+        ConfigError, match=r"global batch is 2 x 1 x 2 = 4 sequences.*set --grad_accum_steps=2"
+    ):
         train(config(base, "refused", *TWO, resume))
-    with pytest.raises(ConfigError, match=r"split into 2 shards .*this run would split it into 1; set --data_shards=2"):
+    with pytest.raises(
+        ConfigError, match=r"split into 2 shards .*this run would split it into 1; set --data_shards=2"
+    ):
         train(config(base, "refused", *ONE, resume, "data_shards=null"))
     assert not (base / "refused").exists()
 
@@ -177,13 +188,16 @@ def test_resume_one_process_onto_two(base, single_run, tmp_path):
     source = single_run / "checkpoints" / "step_00000002"
     cfg = config(base, "one_to_two", *TWO, f"checkpoint.resume={source}")
     out = tmp_path / "restored.pt"
-    run_launch(launch_cmd("fsdp2", cfg, tmp_path / "run.yaml", "tests.train.fsdp_worker", str(tmp_path / "run.yaml"), str(out)))
+    config_file = tmp_path / "run.yaml"
+    run_launch(launch_cmd("fsdp2", cfg, config_file, "tests.train.fsdp_worker", str(config_file), str(out)))
     restored = torch.load(out, weights_only=False)
     assert restored["sharded"] and restored["step"] == 2
     reference = loop.setup(config(base, "one_to_one", *ONE, f"checkpoint.resume={source}"))
     reference.logger.close()
     assert_states_equal(restored["model"], distributed.full_model_state(reference.model))
-    assert_states_equal(restored["optimizer"], distributed.full_optimizer_state(reference.model, reference.optimizer))
+    assert_states_equal(
+        restored["optimizer"], distributed.full_optimizer_state(reference.model, reference.optimizer)
+    )
     assert_close(records(base / "one_to_two"), records(single_run)[2:])
 
 
@@ -215,7 +229,9 @@ def test_sigkill_of_one_rank_mid_write_keeps_the_previous_checkpoint(base, shard
     assert launcher.returncode != 0
     root = base / "killed" / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002"]
-    run_launch(launch_cmd("fsdp2", config(base, "killed", *TWO, "checkpoint.resume=latest"), base / "resume.yaml"))
+    run_launch(
+        launch_cmd("fsdp2", config(base, "killed", *TWO, "checkpoint.resume=latest"), base / "resume.yaml")
+    )
     assert records(base / "killed") == records(sharded_run)  # same world size, fp32: bit-exact
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000004"]
 
@@ -229,7 +245,9 @@ def test_accumulation_times_data_parallel_is_one_large_batch(base, kind, tmp_pat
     """
     layout = ("data_shards=4", "micro_batch_size=1", "max_steps=3", "checkpoint.every=0",
               "loss.balance_coef=0", "loss.z_coef=0")  # fmt: skip
-    run_launch(launch_cmd(kind, config(base, f"gaxdp_{kind}", *layout, "grad_accum_steps=2"), tmp_path / "run.yaml"))
+    run_launch(
+        launch_cmd(kind, config(base, f"gaxdp_{kind}", *layout, "grad_accum_steps=2"), tmp_path / "run.yaml")
+    )
     # One process holding all 4 shards; each step's 4 one-row micro-batches stacked into one batch.
     run = loop.setup(config(base, f"large_{kind}", *layout, "grad_accum_steps=4"))
     large = []
