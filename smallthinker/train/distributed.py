@@ -79,7 +79,7 @@ def shard_model(model: nn.Module, settings: FSDPSettings, precision: str, device
             f"fsdp_transformer_layer_cls_to_wrap={settings.layer_cls!r} matches no module of "
             f"{type(model).__name__}; use SmallThinkerDecoderLayer"
         )
-    if settings.activation_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+    if settings.activation_checkpointing and not getattr(model, "is_activation_checkpointing", False):
         # Before sharding: the checkpointed call then wraps FSDP's all-gather hooks, so the
         # recomputation in the backward pass gathers the layer's weights again.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -21,10 +21,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
 from smallthinker.train import checkpoint as ckpt
 from smallthinker.train import distributed, loop
 from smallthinker.train.config import ConfigError, TrainConfig, save_train_config
@@ -260,3 +263,25 @@ def test_accumulation_times_data_parallel_is_one_large_batch(base, kind, tmp_pat
         assert got["target_tokens"] == want["target_tokens"]
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+
+
+def test_bf16_policy_computes_in_bf16_on_fp32_master_weights(tmp_path):
+    """The GPU recipe's policy, on a one-process gloo group: layers see bf16 inputs and weights, the
+    sharded parameters and their gradients stay fp32, and checkpointing recomputes each layer."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = SmallThinkerForCausalLM(load_model_config("tiny-4b-style", vocab_size=256))
+        settings = distributed.FSDPSettings("SmallThinkerDecoderLayer", True, activation_checkpointing=True)
+        distributed.shard_model(model, settings, "bf16", torch.device("cpu"))
+        seen = []
+        q_proj = model.model.layers[0].self_attn.q_proj
+        q_proj.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, m.weight.dtype)))
+        ids = torch.randint(0, 256, (2, 16))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # forward, then the recomputation
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor) and p.dtype == torch.float32, name
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+    finally:
+        dist.destroy_process_group()
