@@ -101,12 +101,14 @@ def shard_if_requested(model: nn.Module, precision: str, accelerator: Any) -> nn
 
 
 def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-    """accelerate's wrapping: DDP (several processes) or device placement for a plain model; only the
-    optimizer wrapper for a sharded one, which must not be wrapped again. Gradient accumulation then
-    reduce-scatters after every micro-batch (accelerate's `no_sync` is a no-op for FSDP2 modules): the
-    sharded gradients are what keeps gradient memory at 1/N."""
+    """accelerate's wrapping (DDP for several processes, device placement) for a plain model. A sharded
+    model and its optimizer stay as they are: fully_shard already placed them, and accelerate's own FSDP2
+    preparation would shard again (on GPU it refuses an optimizer whose model it did not prepare).
+
+    Gradient accumulation then reduce-scatters after every micro-batch (accelerate's `no_sync` finds no
+    `no_sync` on an FSDP2 module): sharded gradients are what keeps gradient memory at 1/N."""
     if is_sharded(model):
-        return model, accelerator.prepare(optimizer)
+        return model, optimizer
     return accelerator.prepare(model, optimizer)
 
 
