@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from smallthinker.inference import (
     ExpertStore,
@@ -35,7 +36,13 @@ from smallthinker.inference import (
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer, measure_read_bandwidth
 from smallthinker.inference.quality import compare_quantisation, load_token_sequences
 from smallthinker.inference.stats import format_stats
+from smallthinker.inference.store import MANIFEST
 from smallthinker.modeling import load_model_config
+from smallthinker.modeling.modeling_smallthinker import (
+    EXPERT_PROJECTIONS,
+    expert_tensor_name,
+    official_tensor_shapes,
+)
 
 PROMPT_LEN = 16
 MAX_CONTEXT = 128  # KV reservation in the budget: prompt + warm-up + measured tokens fit
@@ -44,48 +51,38 @@ OVERHEAD = "256MiB"
 
 def write_random_checkpoint(path: Path, preset: str = "smallthinker-4b", seed: int = 0) -> Path:
     """Official file layout, bf16 weights N(0, 0.02), one shard per layer (skipped when already there)."""
-    if (path / "model.safetensors.index.json").exists():
+    if (path / SAFE_WEIGHTS_INDEX_NAME).exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
     config = load_model_config(preset)
     config.dtype = torch.bfloat16
     config.save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)
-    h, f, e = config.hidden_size, config.moe_ffn_hidden_size, config.moe_num_primary_experts
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
 
-    def rand(*shape: int) -> torch.Tensor:
+    def init(shape: tuple[int, ...]) -> torch.Tensor:  # norms are ones, matrices N(0, initializer_range)
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
         return (torch.randn(*shape, generator=gen) * config.initializer_range).to(torch.bfloat16)
 
+    # Every tensor of an official file, one shard per layer plus one for the rest.
+    shards: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in official_tensor_shapes(config).items():
+        parts = name.split(".")
+        shard = f"model-layer{int(parts[2]):02d}" if parts[1] == "layers" else "model-embed"
+        shards.setdefault(f"{shard}.safetensors", {})[name] = shape
     weight_map = {}
-    shards = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(config.vocab_size, h)}}
-    shards["model-embed.safetensors"]["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    for name, tensors in shards.items():
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-    for i in tqdm(range(config.num_hidden_layers), desc="random checkpoint", unit="layer"):
-        p = f"model.layers.{i}"
-        tensors = {
-            f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            f"{p}.self_attn.q_proj.weight": rand(q, h),
-            f"{p}.self_attn.k_proj.weight": rand(kv, h),
-            f"{p}.self_attn.v_proj.weight": rand(kv, h),
-            f"{p}.self_attn.o_proj.weight": rand(h, q),
-            f"{p}.block_sparse_moe.primary_router.weight": rand(e, h),
-        }
-        for j in range(e):
-            for name, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
-                tensors[f"{p}.block_sparse_moe.experts.{j}.{name}.weight"] = rand(*shape)
-        save_file(tensors, str(path / f"model-layer{i:02d}.safetensors"), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, f"model-layer{i:02d}.safetensors"))
+    for shard, shapes in tqdm(sorted(shards.items()), desc="random checkpoint", unit="shard"):
+        save_file(
+            {n: init(shape) for n, shape in shapes.items()}, str(path / shard), metadata={"format": "pt"}
+        )
+        weight_map.update(dict.fromkeys(shapes, shard))
     index = {"metadata": {}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index))
     return path
 
 
 def ensure_store(ckpt: Path, dst: Path, quant: str) -> Path:
-    if not (dst / "manifest.json").exists():
+    if not (dst / MANIFEST).exists():
         convert_checkpoint(ckpt, dst, quant=quant)
     return dst
 
@@ -161,7 +158,7 @@ def compare_expert_reads(store: ExpertStore, ckpt: Path, samples: int = 48) -> d
         )
         for _ in range(samples)
     ]
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((ckpt / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"]
     mm, buf = aligned_buffer(2 * store.record_bytes)
     useful = 3 * store.manifest["ffn_size"] * store.manifest["hidden_size"] * 2
     start = time.perf_counter()
@@ -171,8 +168,8 @@ def compare_expert_reads(store: ExpertStore, ckpt: Path, samples: int = 48) -> d
     files, spans = {}, {}
     start = time.perf_counter()
     for layer, j in picks:
-        for name in ("gate", "up", "down"):
-            key = f"model.layers.{layer}.block_sparse_moe.experts.{j}.{name}.weight"
+        for name in EXPERT_PROJECTIONS:
+            key = expert_tensor_name(layer, j, name)
             shard = ckpt / index[key]
             if shard not in files:
                 files[shard], spans[shard] = DirectFile(shard), _tensor_spans(shard)

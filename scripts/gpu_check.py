@@ -127,12 +127,14 @@ def measure_training(
     peak_flops: float | None, device: str = "cuda",
 ) -> ThroughputRow:  # fmt: skip
     """Median step time of the training loop (data, forward, backward, clipping, AdamW) over `steps`."""
+    from smallthinker.synthetic.prepare import prepare_for_run
     from smallthinker.train.loop import next_micro_batches, setup, train_step
     from smallthinker.train.metrics import default_peak_flops, flops_per_token
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
-        run = setup(train_config(depth, checkpointing, micro_batch, seq_len, Path(tmp) / "run", device))
+        cfg = train_config(depth, checkpointing, micro_batch, seq_len, Path(tmp) / "run", device)
+        run = setup(cfg, prepare_for_run)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times, tokens = [], 0

@@ -2,34 +2,23 @@
 
     python -m scripts.kv_cache_report --preset smallthinker-21b --tokens 16384
 
-The byte counts follow transformers' DynamicCache: a full-attention layer keeps every key and value, a
-sliding-window layer keeps the last `sliding_window_size - 1` of them (plus the tokens of the current step).
+The byte counts are `smallthinker.modeling.sizes.kv_cache_bytes`: what transformers' DynamicCache holds, every
+key and value on a full-attention layer, the last `sliding_window_size - 1` on a sliding-window layer.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from smallthinker.modeling import SmallThinkerConfig, load_model_config
-
-
-def kv_cache_bytes(config: SmallThinkerConfig, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
-    """Bytes held by the KV cache after `tokens` tokens, per the config's per-layer attention layout."""
-    per_token_layer = (
-        2 * config.num_key_value_heads * config.head_dim * bytes_per_value * batch
-    )  # keys + values
-    total = 0
-    for sliding in config.sliding_window_layout:
-        kept = min(tokens, config.sliding_window_size - 1) if sliding else tokens
-        total += kept * per_token_layer
-    return total
+from smallthinker.modeling import load_model_config
+from smallthinker.modeling.sizes import kv_cache_bytes
 
 
 def report(preset: str, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> str:
     config = load_model_config(preset)
     hybrid = kv_cache_bytes(config, tokens, batch, bytes_per_value)
-    all_global = config.num_hidden_layers * tokens * 2 * config.num_key_value_heads * config.head_dim
-    all_global *= bytes_per_value * batch
+    global_only = load_model_config(preset, sliding_window_layout=[0] * config.num_hidden_layers)
+    all_global = kv_cache_bytes(global_only, tokens, batch, bytes_per_value)
     sliding = sum(config.sliding_window_layout)
     return "\n".join(
         [

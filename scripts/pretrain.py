@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from smallthinker.synthetic.prepare import prepare_for_run
 from smallthinker.train.cli import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], "pretrain", __doc__)
+    main(sys.argv[1:], "pretrain", __doc__, prepare_data=prepare_for_run)

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers import AutoTokenizer, TextStreamer
+
+from smallthinker.inference import load_offloaded
+from smallthinker.inference.store import MANIFEST
+from smallthinker.modeling import SmallThinkerForCausalLM
+from smallthinker.tokenizer import CHATML_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
 
@@ -206,10 +211,6 @@ def load_chat_model(
     dtype: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint directory, or from an expert store with `offload=True`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import smallthinker.modeling  # noqa: F401 - registers the SmallThinker classes with the Auto* factories
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a checkpoint directory.")
@@ -218,30 +219,20 @@ def load_chat_model(
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"No tokenizer in {path} ({e}): save one next to the checkpoint.") from e
     if tokenizer.chat_template is None:
-        from smallthinker.tokenizer import CHATML_TEMPLATE
-
         warnings.warn(f"{path} has no chat template; using ChatML.", stacklevel=2)
         tokenizer.chat_template = CHATML_TEMPLATE
     if offload:
         return _load_offloaded(path, memory_budget), tokenizer
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    # Our class, not the Auto one: it also reads the published 21B config.json, which has no model_type.
+    model = SmallThinkerForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.eval(), tokenizer
 
 
 def _load_offloaded(path: Path, memory_budget: str) -> Any:
-    try:
-        from smallthinker.inference import load_offloaded
-    except ImportError:
-        try:
-            from smallthinker.inference.engine import load_offloaded
-        except ImportError as e:
-            raise RuntimeError(
-                f"--offload needs smallthinker.inference.load_offloaded, unavailable here: {e}"
-            ) from e
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
-            f"{path} is not an expert store (no manifest.json): convert the checkpoint first with "
+            f"{path} is not an expert store (no {MANIFEST}): convert the checkpoint first with "
             "smallthinker.inference.store.convert_checkpoint(checkpoint_dir, store_dir)."
         )
     return load_offloaded(path, memory_budget=memory_budget)

@@ -20,9 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from smallthinker.modeling.configuration_smallthinker import EXTENSION_KEYS
+
+SINGLE_FILE = SAFE_WEIGHTS_NAME
+INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME
 # Keys that do not change what the weights mean: provenance and training-only switches.
 IGNORED_CONFIG_KEYS = frozenset(
     {
@@ -33,8 +36,7 @@ IGNORED_CONFIG_KEYS = frozenset(
         "torch_dtype",
         "use_cache",
         "output_router_logits",
-        "router_aux_loss_coef",
-        "router_z_loss_coef",
+        *EXTENSION_KEYS,  # training-only loss weights
     }
 )
 # Files copied from the first input next to the merged weights: config, tokenizer, remote code (not

@@ -15,23 +15,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import smallthinker.modeling  # noqa: E402,F401  (registers the model)
-from smallthinker.chat import SamplingConfig, chat_once  # noqa: E402
-from smallthinker.eval import evaluate_suite  # noqa: E402
-from smallthinker.inference import convert_checkpoint, load_offloaded, minimum_budget  # noqa: E402
-from smallthinker.merge import merge_checkpoints  # noqa: E402
-from smallthinker.synthetic import prepare_synthetic  # noqa: E402
-from smallthinker.synthetic.instructions import heldout_exact_match  # noqa: E402
-from smallthinker.train.config import load_train_config  # noqa: E402
-from smallthinker.train.loop import train  # noqa: E402
-from smallthinker.train.plots import plot_run  # noqa: E402
+import smallthinker.modeling  # noqa: F401  (registers the model)
+from smallthinker.chat import SamplingConfig, chat_once
+from smallthinker.eval import evaluate_suite
+from smallthinker.inference import convert_checkpoint, load_offloaded, minimum_budget
+from smallthinker.merge import merge_checkpoints
+from smallthinker.synthetic import prepare_synthetic
+from smallthinker.synthetic.instructions import heldout_exact_match
+from smallthinker.train.config import load_train_config
+from smallthinker.train.loop import train
+from smallthinker.train.plots import plot_run, subplots
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 # The tiny model's context and activations are small: reserving the engine's defaults (a 4096-token KV cache,
@@ -187,7 +183,7 @@ def _offload_chat(merged: Path, out: Path, question: str, prompt: str, fraction:
 
 def _plot_offload(offload: dict[str, Any], path: Path) -> Path:
     runs = offload["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     labels = [
         f"{r['budget_bytes'] / 1e6:.1f} MB\n{r['expert_slots']} of {offload['total_experts']} experts"
         for r in runs
@@ -198,17 +194,25 @@ def _plot_offload(offload: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Offloaded decode: budget vs hit rate (model {offload['model_bytes'] / 1e6:.1f} MB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def run_quickstart(cfg: QuickstartConfig) -> Report:
     """Run every stage, write `report.md` + `summary.json` + plots into `cfg.out_dir`, return the report."""
+    # The tiny model's matrices are too small to split across cores: one thread avoids OpenMP spin-waits that
+    # otherwise fight the offload engine's I/O threads (and anything else on the machine) for the cores. The
+    # caller's setting is restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_stages(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(cfg: QuickstartConfig) -> Report:
     _prepare_out(cfg)
     torch.manual_seed(0)
-    # The tiny model's matrices are too small to split across cores: one thread avoids OpenMP spin-waits that
-    # otherwise fight the offload engine's I/O threads (and anything else on the machine) for the cores.
-    torch.set_num_threads(1)
     report, out = Report(), cfg.out_dir
     paths, s = _timed(lambda: prepare_synthetic(cfg.data_dir))
     report.stage("synthetic data + tokenizer", s, root=str(paths["root"]))

@@ -21,12 +21,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers.configuration_utils import PreTrainedConfig
 
-import smallthinker.modeling  # noqa: F401  (registers model_type "smallthinker" with the Auto classes)
 from smallthinker.eval.data import EvalError
+from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM
+from smallthinker.modeling.configuration_smallthinker import (
+    SMALLTHINKER_ARCHITECTURES,
+    is_smallthinker_config,
+)
 
 log = logging.getLogger(__name__)
-
-SMALLTHINKER_ARCHITECTURES = ("SmallThinkerForCausalLM", "SmallThinkerModel")
 
 
 class NotSmallThinkerError(EvalError):
@@ -38,8 +40,7 @@ def check_smallthinker_config(config: dict[str, Any] | PreTrainedConfig, where: 
     values = config if isinstance(config, dict) else config.to_dict()
     model_type = values.get("model_type")
     architectures = values.get("architectures") or []
-    # The published 21B config.json has no model_type: its architectures entry identifies it.
-    if model_type == "smallthinker" or set(architectures) & set(SMALLTHINKER_ARCHITECTURES):
+    if is_smallthinker_config(values):
         return
     raise NotSmallThinkerError(
         f"{where} is not a SmallThinker checkpoint (config model_type={model_type!r}, "
@@ -67,6 +68,9 @@ def check_smallthinker_checkpoint(pretrained: str, revision: str = "main") -> No
 class SmallThinkerLM(HFLM):
     """lm-eval model: `lm_eval --model smallthinker --model_args pretrained=DIR[,batch_size=8,dtype=bfloat16]`."""
 
+    # Our classes instead of the Auto ones: they also read the published 21B config.json, which has no model_type.
+    AUTO_MODEL_CLASS = SmallThinkerForCausalLM
+
     def __init__(
         self,
         pretrained: str | transformers.PreTrainedModel,
@@ -85,6 +89,11 @@ class SmallThinkerLM(HFLM):
         # `enable_thinking`, templates without one ignore the variable.
         kwargs.setdefault("enable_thinking", False)
         super().__init__(pretrained=pretrained, device=device, batch_size=batch_size, **kwargs)
+
+    def _get_config(
+        self, pretrained: str, *, revision: str = "main", subfolder: str = "", **kwargs: Any
+    ) -> None:
+        self._config = SmallThinkerConfig.from_pretrained(pretrained, revision=revision, subfolder=subfolder)
 
     def get_model_info(self) -> dict[str, Any]:
         """Parameter count, dtype and architecture, read locally (HFLM's version queries the hub for a sha)."""

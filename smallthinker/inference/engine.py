@@ -35,6 +35,8 @@ from smallthinker.inference.sparse import (
 from smallthinker.inference.stats import current_rss_bytes, peak_rss_bytes
 from smallthinker.inference.store import RESIDENT_FILE, ExpertStore, load_resident, resident_size
 from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM
+from smallthinker.modeling.modeling_smallthinker import reset_rope, top_k_experts
+from smallthinker.modeling.sizes import kv_cache_bytes
 
 DEFAULT_OVERHEAD = "128MiB"  # activations, logits, routing and allocator slack reserved inside the budget
 _UNITS = {
@@ -64,16 +66,6 @@ def parse_bytes(size: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def kv_cache_bytes(config: SmallThinkerConfig, max_context: int, dtype: torch.dtype) -> int:
-    """Keys and values for ``max_context`` tokens; sliding-window layers keep only their window."""
-    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    windows = [
-        min(max_context, config.sliding_window_size) if sliding else max_context
-        for sliding in config.sliding_window_layout
-    ]
-    return per_token * sum(windows)
-
-
 @dataclass(frozen=True)
 class BudgetPlan:
     budget: int
@@ -82,10 +74,6 @@ class BudgetPlan:
     overhead_bytes: int
     record_bytes: int
     num_slots: int
-
-    @property
-    def expert_cache_bytes(self) -> int:
-        return self.num_slots * self.record_bytes
 
 
 def plan_budget(
@@ -123,7 +111,7 @@ def plan_for_store(
     return plan_budget(
         parse_bytes(memory_budget),
         resident,
-        kv_cache_bytes(config, max_context, dtype),
+        kv_cache_bytes(config, max_context, bytes_per_value=dtype.itemsize),
         parse_bytes(overhead),
         store.record_bytes,
         config.moe_num_active_primary_experts,
@@ -172,7 +160,7 @@ class OffloadEngine:
 
     def _top_experts(self, logits_TE: torch.Tensor) -> list[int]:
         """Distinct experts of the top-k (same call as the MoE block's), ascending, capped at the slot count."""
-        index_TK = torch.topk(logits_TE, self.top_k, dim=-1).indices
+        index_TK = top_k_experts(logits_TE, self.top_k)[1]
         return torch.unique(index_TK).tolist()[: self.cache.num_slots]
 
     def _router_hook(self, layer: int):
@@ -326,10 +314,7 @@ def _materialize(model: SmallThinkerForCausalLM, resident: dict[str, torch.Tenso
         )
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    rotary = model.model.rotary_emb
-    inv_freq = rotary.compute_default_rope_parameters(model.config)[0]
-    rotary.register_buffer("inv_freq", inv_freq, persistent=False)
-    rotary.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+    reset_rope(model)  # computed buffers: still on the meta device after loading
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise ValueError(f"tensors left without weights after loading the store: {still_meta[:10]}")

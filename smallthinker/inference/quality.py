@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from smallthinker.inference.engine import load_offloaded
-from smallthinker.inference.store import convert_checkpoint
+from smallthinker.inference.store import MANIFEST, convert_checkpoint
 from smallthinker.modeling import SmallThinkerForCausalLM
 
 
@@ -49,7 +49,7 @@ def compare_quantisation(
     rows, reference = [], None
     for quant in ("none", "int8"):
         store = workdir / f"store-{quant}"
-        if not (store / "manifest.json").exists():
+        if not (store / MANIFEST).exists():
             convert_checkpoint(bf16_ckpt, store, quant=quant)
         model = load_offloaded(store, memory_budget="100GB", max_context=4096, sparse=False)
         logits = _logits(model, sequences)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -27,9 +26,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer
 from smallthinker.inference.quant import quantize_int8_rows
+from smallthinker.modeling.modeling_smallthinker import (
+    EXPERT_PROJECTIONS,
+    expert_tensor_name,
+    experts_prefix,
+    is_expert_tensor,
+)
 
 STORE_FORMAT = "smallthinker-expert-store"
 STORE_VERSION = 1
@@ -38,8 +44,6 @@ EXPERTS_FILE = "experts.bin"
 RESIDENT_FILE = "resident.safetensors"
 QUANT_MODES = ("none", "int8")
 
-_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(gate|up|down)\.weight$")
-_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up_proj|down_proj)$")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
 
 
@@ -118,9 +122,9 @@ class _CheckpointReader:
 
     def expert(self, layer: int, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate [F, H], up [F, H], down [H, F] of expert j, from per-expert or fused 3-D tensors."""
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
-        if f"{prefix}.{j}.gate.weight" in self.index:
-            return tuple(self.get(f"{prefix}.{j}.{n}.weight") for n in ("gate", "up", "down"))
+        if expert_tensor_name(layer, j, "gate") in self.index:
+            return tuple(self.get(expert_tensor_name(layer, j, n)) for n in EXPERT_PROJECTIONS)
+        prefix = experts_prefix(layer)
         gate_up_2FH = self.get(f"{prefix}.gate_up_proj")[j]
         gate_FH, up_FH = gate_up_2FH.chunk(2, dim=0)  # gate rows first, then up rows
         return gate_FH, up_FH, self.get(f"{prefix}.down_proj")[j]
@@ -191,7 +195,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, quant: st
         if (
             extra.is_file()
             and not extra.name.endswith(".safetensors")
-            and extra.name != "model.safetensors.index.json"
+            and extra.name != SAFE_WEIGHTS_INDEX_NAME
         ):
             shutil.copy2(extra, dst / extra.name)
     return dst
@@ -199,11 +203,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, quant: st
 
 def _write_resident(reader: _CheckpointReader, config: dict, path: Path) -> None:
     tied = config.get("tie_word_embeddings", True)
-    names = [
-        n
-        for n in reader.index
-        if not (_EXPERT_KEY.match(n) or _FUSED_KEY.match(n)) and not (tied and n == "lm_head.weight")
-    ]
+    names = [n for n in reader.index if not is_expert_tensor(n) and not (tied and n == "lm_head.weight")]
     save_file({n: reader.get(n).contiguous() for n in names}, str(path), metadata={"format": "pt"})
 
 

@@ -14,8 +14,25 @@ from transformers.configuration_utils import PreTrainedConfig
 # Keys this implementation adds for training; left out of the saved file while they hold their default, so a
 # checkpoint of an official configuration keeps exactly the official keys.
 _EXTENSION_DEFAULTS: dict[str, Any] = {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0}
+EXTENSION_KEYS = tuple(_EXTENSION_DEFAULTS)
 # Official keys written only when they differ from the official default (the 4B file has no such key).
 _OMIT_WHEN_DEFAULT: dict[str, Any] = {"moe_primary_router_apply_softmax": False, "pad_token_id": None}
+# The official class also stores copies of the window settings under the names vLLM reads, so every
+# `config.json` its `save_pretrained` writes has them; the published files do not. They are accepted when they
+# agree with the official keys, and written back only when the loaded file had them.
+_VLLM_WINDOW_KEYS = {
+    "sliding_window": "sliding_window_size",
+    "sliding_window_pattern": "sliding_window_layout",
+}
+# `architectures` entries that identify a SmallThinker checkpoint (the published 21B file has no `model_type`).
+SMALLTHINKER_ARCHITECTURES = ("SmallThinkerForCausalLM", "SmallThinkerModel")
+
+
+def is_smallthinker_config(config_dict: dict[str, Any]) -> bool:
+    """Whether a `config.json` dict describes a SmallThinker model, by `model_type` or by `architectures`."""
+    if config_dict.get("model_type") == "smallthinker":
+        return True
+    return bool(set(config_dict.get("architectures") or []) & set(SMALLTHINKER_ARCHITECTURES))
 
 
 class SmallThinkerConfig(PreTrainedConfig):
@@ -68,6 +85,7 @@ class SmallThinkerConfig(PreTrainedConfig):
     repetition_penalty: float | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        vllm_keys = {key: kwargs.pop(key) for key in _VLLM_WINDOW_KEYS if key in kwargs}
         if self.eos_token_id is None:
             self.eos_token_id = [151643, 151645]
         if self.rope_layout is None:
@@ -78,6 +96,9 @@ class SmallThinkerConfig(PreTrainedConfig):
         self.sliding_window_layout = [int(v) for v in self.sliding_window_layout]
         super().__post_init__(**kwargs)
         self._check()
+        self._check_vllm_keys(vllm_keys)
+        # Remembered (not serialised as such) so that saving writes the vLLM keys back exactly when they were read.
+        self._vllm_window_keys = bool(vllm_keys)
 
     def _check(self) -> None:
         """Raise a `ValueError` naming the offending field (the official class asserts instead)."""
@@ -122,6 +143,17 @@ class SmallThinkerConfig(PreTrainedConfig):
                 "RoPE; extend the context by raising rope_theta instead."
             )
 
+    def _check_vllm_keys(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            official = _VLLM_WINDOW_KEYS[key]
+            expected = getattr(self, official)
+            given = [int(v) for v in value] if isinstance(value, (list, tuple)) else value
+            if given != expected:
+                raise ValueError(
+                    f"SmallThinkerConfig: {key}={value!r} disagrees with {official}={expected!r}; the official "
+                    f"files keep {key} as a copy of {official}: make the two equal (or drop {key})."
+                )
+
     # transformers' cache and masking utilities read these two attributes; they are derived from the official
     # layout keys instead of being stored, so saved files keep the official key set.
     @property
@@ -131,6 +163,12 @@ class SmallThinkerConfig(PreTrainedConfig):
     @property
     def sliding_window(self) -> int | None:
         return self.sliding_window_size if any(self.sliding_window_layout) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out.pop("_vllm_window_keys", False):
+            out |= {key: out[official] for key, official in _VLLM_WINDOW_KEYS.items()}
+        return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         out = super().to_diff_dict()
@@ -143,4 +181,4 @@ class SmallThinkerConfig(PreTrainedConfig):
         return out
 
 
-__all__ = ["SmallThinkerConfig"]
+__all__ = ["EXTENSION_KEYS", "SMALLTHINKER_ARCHITECTURES", "SmallThinkerConfig", "is_smallthinker_config"]

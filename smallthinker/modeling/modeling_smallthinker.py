@@ -11,7 +11,8 @@ plain transformers can load our checkpoints with `trust_remote_code=True`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,29 @@ class SmallThinkerRotaryEmbedding(nn.Module):
         return inv_freq, 1.0
 
     @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute the tables from the config: after a `rope_theta` change, or on a model built on the meta
+        device (the tables are computed buffers, never stored in checkpoints)."""
+        inv_freq = self.compute_default_rope_parameters(self.config)[0]
+        if self.inv_freq.is_meta:
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+            self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        else:
+            self.inv_freq.copy_(inv_freq)
+            self.original_inv_freq.copy_(inv_freq)
+
+    @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_BSd = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb_BSD = torch.cat((freqs_BSd, freqs_BSd), dim=-1)
         return emb_BSD.cos().to(x.dtype), emb_BSD.sin().to(x.dtype)
+
+
+def reset_rope(model: nn.Module) -> None:
+    """Recompute every RoPE table of `model` from its config (see `SmallThinkerRotaryEmbedding.reset_parameters`)."""
+    for module in model.modules():
+        if isinstance(module, SmallThinkerRotaryEmbedding):
+            module.reset_parameters()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -250,11 +270,20 @@ class SmallThinkerExperts(nn.Module):
         return out_TH
 
 
+def top_k_experts(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts a token is routed to: top-k of the raw router logits, as (logits [.., K], indices [.., K]).
+
+    The one place routing picks experts: the MoE block, the router losses, expert-load statistics and the offload
+    engine's prefetch all call it, so they agree on ties and order.
+    """
+    return torch.topk(router_logits_TE, top_k, dim=-1)
+
+
 def route(
     router_logits_TE: torch.Tensor, top_k: int, apply_softmax: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k on the raw logits, then softmax (fp32) or sigmoid renormalised to sum 1 (logits dtype) over the k."""
-    topk_logits_TK, topk_index_TK = torch.topk(router_logits_TE, top_k, dim=-1)
+    topk_logits_TK, topk_index_TK = top_k_experts(router_logits_TE, top_k)
     if apply_softmax:
         weights_TK = F.softmax(topk_logits_TK, dim=-1, dtype=torch.float32)
     else:
@@ -346,6 +375,15 @@ class SmallThinkerPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; `auto_map` also names the `AutoModel` class, as the official files
+        do (transformers itself writes only the saved class's own Auto class)."""
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", "modeling_smallthinker.SmallThinkerModel")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a local checkpoint with missing or misshaped tensors is a
@@ -358,6 +396,32 @@ class SmallThinkerPreTrainedModel(PreTrainedModel):
                 config = SmallThinkerConfig.from_pretrained(pretrained_model_name_or_path)
             check_checkpoint_tensors(pretrained_model_name_or_path, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+# Official checkpoint tensor names of the experts: one matrix per (layer, expert, projection).
+EXPERT_PROJECTIONS = ("gate", "up", "down")
+EXPERT_TENSOR_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(gate|up|down)\.weight$"
+)
+# The in-memory 3-D tensors, as a `state_dict` of the model names them.
+FUSED_EXPERT_TENSOR_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up_proj|down_proj)$"
+)
+
+
+def experts_prefix(layer: int) -> str:
+    """Name prefix of layer `layer`'s experts, in files (`{prefix}.{j}.gate.weight`) and in the model."""
+    return f"model.layers.{layer}.block_sparse_moe.experts"
+
+
+def expert_tensor_name(layer: int, expert: int, projection: str) -> str:
+    """Official file name of one expert matrix: gate and up are [F, H], down is [H, F]."""
+    return f"{experts_prefix(layer)}.{expert}.{projection}.weight"
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether `name` is an expert weight, per-expert (files) or fused 3-D (model state dicts)."""
+    return bool(EXPERT_TENSOR_NAME.match(name) or FUSED_EXPERT_TENSOR_NAME.match(name))
 
 
 def official_tensor_shapes(config: SmallThinkerConfig) -> dict[str, tuple[int, ...]]:
@@ -373,6 +437,7 @@ def official_tensor_shapes(config: SmallThinkerConfig) -> dict[str, tuple[int, .
         "model.embed_tokens.weight": (config.vocab_size, h),
         "model.norm.weight": (h,),
     }
+    expert_shapes = {"gate": (f, h), "up": (f, h), "down": (h, f)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes |= {
@@ -385,8 +450,7 @@ def official_tensor_shapes(config: SmallThinkerConfig) -> dict[str, tuple[int, .
             p + "block_sparse_moe.primary_router.weight": (e, h),
         }
         for j in range(e):
-            m = f"{p}block_sparse_moe.experts.{j}."
-            shapes |= {m + "gate.weight": (f, h), m + "up.weight": (f, h), m + "down.weight": (h, f)}
+            shapes |= {expert_tensor_name(i, j, n): shape for n, shape in expert_shapes.items()}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     return shapes
@@ -424,6 +488,12 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             f"input_ids must lie in [0, {vocab_size - 1}] (vocab_size), got values in [{lo}, {hi}]: "
             "the tokenizer does not match this model."
         )
+
+
+def _input_checks_enabled() -> bool:
+    """Range checks make the host wait for the device on every forward, decode steps included, so they run only
+    when asked (`SMALLTHINKER_CHECK_INPUTS=1`); tokenizers and data pipelines validate token ids instead."""
+    return os.environ.get("SMALLTHINKER_CHECK_INPUTS", "") not in ("", "0")
 
 
 class SmallThinkerModel(SmallThinkerPreTrainedModel):
@@ -476,7 +546,8 @@ class SmallThinkerModel(SmallThinkerPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
-            _check_token_ids(input_ids, self.config.vocab_size)
+            if _input_checks_enabled():
+                _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -501,8 +572,12 @@ class SmallThinkerModel(SmallThinkerPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """[T] float mask of real (non-padding) tokens; all ones without an attention mask."""
+# ------------------------------------------------------------------------------------------------
+# Router statistics and losses: the one implementation the trainer, the metrics and the model's own loss share.
+# `router_logits` is a sequence of per-layer [B, S, E] or [T, E] tensors, as `output_router_logits=True` returns.
+# ------------------------------------------------------------------------------------------------
+def token_mask(attention_mask: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """[T] float mask of real (non-padding) tokens from a [B, S] padding mask; all ones without one."""
     if attention_mask is None or attention_mask.dim() != 2:
         return torch.ones(num_tokens, device=device)
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
@@ -517,47 +592,81 @@ def router_probabilities(router_logits_TE: torch.Tensor, apply_softmax: bool) ->
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
+def _stack_layers(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([r.reshape(-1, r.shape[-1]) for r in router_logits])  # [L, T, E]
+
+
+@torch.no_grad()
+def _counts_LE(logits_LTE: torch.Tensor, top_k: int, mask_T: torch.Tensor) -> torch.Tensor:
+    num_layers, _, num_experts = logits_LTE.shape
+    index_LTK = top_k_experts(logits_LTE.detach(), top_k)[1]
+    # One weighted bincount over (layer, expert) pairs: no [L, T, K, E] one-hot tensor.
+    offset_L11 = torch.arange(num_layers, device=index_LTK.device)[:, None, None] * num_experts
+    weights = mask_T[None, :, None].expand(index_LTK.shape).reshape(-1)
+    flat = torch.bincount((index_LTK + offset_L11).reshape(-1), weights, minlength=num_layers * num_experts)
+    return flat.reshape(num_layers, num_experts).float()
+
+
+def expert_counts(
+    router_logits: Sequence[torch.Tensor], top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[L, E] number of real tokens routed to each expert of each layer (padding excluded, no gradient)."""
+    logits_LTE = _stack_layers(router_logits)
+    return _counts_LE(logits_LTE, top_k, token_mask(attention_mask, logits_LTE.shape[1], logits_LTE.device))
+
+
 def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...],
+    router_logits: Sequence[torch.Tensor],
     num_experts: int,
     top_k: int,
     apply_softmax: bool,
     attention_mask: torch.Tensor | None = None,
     count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    expert_load: tuple[torch.Tensor, torch.Tensor] | None = None,
+    per_layer: bool = False,
 ) -> torch.Tensor:
-    """Switch-style balance loss E * sum_e f_e * P_e averaged over layers, padding excluded.
+    """Switch-style balance loss E * sum_e f_e * P_e per layer, averaged over layers (`per_layer`: the [L] values).
 
-    f_e is the fraction of top-k assignments that go to expert e, P_e the mean router probability. With
-    `count_reducer` (e.g. an all-reduce over a group of data-parallel ranks), the assignment counts and the token
-    count are reduced before f is formed: the report's global / DP-group load balance, where experts only need to
-    be balanced over the whole group, not inside each micro-batch. P keeps its local gradient.
+    f_e is the fraction of top-k assignments that go to expert e, P_e the mean router probability; padding
+    (`attention_mask` == 0) is excluded from both.
+    - `count_reducer` (e.g. an all-reduce over data-parallel ranks): the assignment counts and the token count
+      are reduced before f is formed, P keeps its local gradient and normalisation.
+    - `expert_load` = (counts [L, E], tokens) of a span this batch is part of (all micro-batches of an optimizer
+      step on all ranks of a balance group): f comes from the span, and P is this batch's probability sum divided
+      by the span's tokens, so the losses of the span's batches add up to the loss of the whole span seen at once
+      (the report's global-batch balance).
     """
-    logits_LTE = torch.stack([r.reshape(-1, num_experts) for r in router_logits])
-    num_layers, num_tokens, _ = logits_LTE.shape
-    mask_T = _token_mask(attention_mask, num_tokens, logits_LTE.device)
+    logits_LTE = _stack_layers(router_logits)
+    mask_T = token_mask(attention_mask, logits_LTE.shape[1], logits_LTE.device)
     probs_LTE = router_probabilities(logits_LTE, apply_softmax)
-    with torch.no_grad():
-        topk_LTK = torch.topk(logits_LTE, top_k, dim=-1).indices
-        counts_LE = torch.zeros(num_layers, num_experts, device=logits_LTE.device)
-        counts_LE.scatter_add_(
-            1, topk_LTK.reshape(num_layers, -1), mask_T.repeat_interleave(top_k).expand(num_layers, -1)
-        )
-        tokens = mask_T.sum().reshape(1)
-        if count_reducer is not None:
-            counts_LE, tokens = count_reducer(counts_LE), count_reducer(tokens)
-        f_LE = counts_LE / (tokens.clamp(min=1) * top_k)
-    p_LE = (probs_LTE * mask_T[None, :, None]).sum(dim=1) / mask_T.sum().clamp(min=1)
-    return num_experts * (f_LE * p_LE).sum(dim=-1).mean()
+    if expert_load is None:
+        with torch.no_grad():
+            counts_LE, tokens = _counts_LE(logits_LTE, top_k, mask_T), mask_T.sum().reshape(1)
+            if count_reducer is not None:
+                counts_LE, tokens = count_reducer(counts_LE), count_reducer(tokens)
+        prob_tokens = mask_T.sum()
+    else:
+        counts_LE, tokens = expert_load
+        prob_tokens = tokens
+    f_LE = counts_LE / (tokens.clamp(min=1) * top_k)
+    p_LE = (probs_LTE * mask_T[None, :, None]).sum(dim=1) / prob_tokens.clamp(min=1)
+    loss_L = num_experts * (f_LE * p_LE).sum(dim=-1)
+    return loss_L if per_layer else loss_L.mean()
 
 
 def router_z_loss(
-    router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None
+    router_logits: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    per_layer: bool = False,
 ) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2, averaged over layers."""
-    logits_LTE = torch.stack([r.reshape(-1, r.shape[-1]) for r in router_logits])
-    mask_T = _token_mask(attention_mask, logits_LTE.shape[1], logits_LTE.device)
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2, averaged over layers (or [L])."""
+    logits_LTE = _stack_layers(router_logits)
+    mask_T = token_mask(attention_mask, logits_LTE.shape[1], logits_LTE.device)
     z_LT = torch.logsumexp(logits_LTE.float(), dim=-1).square()
-    return (z_LT * mask_T).sum(dim=-1).div(mask_T.sum().clamp(min=1)).mean()
+    z_L = (z_LT * mask_T).sum(dim=-1).div(mask_T.sum().clamp(min=1))
+    return z_L if per_layer else z_L.mean()
 
 
 @dataclass
@@ -644,11 +753,21 @@ class SmallThinkerForCausalLM(SmallThinkerPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "EXPERT_PROJECTIONS",
     "SmallThinkerPreTrainedModel",
     "SmallThinkerModel",
     "SmallThinkerForCausalLM",
     "check_checkpoint_tensors",
+    "expert_counts",
+    "expert_tensor_name",
+    "experts_prefix",
+    "is_expert_tensor",
     "load_balancing_loss",
     "official_tensor_shapes",
+    "reset_rope",
+    "route",
+    "router_probabilities",
     "router_z_loss",
+    "token_mask",
+    "top_k_experts",
 ]

@@ -1,39 +1,16 @@
 """Registration with transformers' Auto classes.
 
-Also lets `AutoConfig` / `AutoModelForCausalLM` recognise SmallThinker files whose `config.json` has no
-`model_type` key (the published 21B file is one): such a file is identified by its `architectures` entry.
+Only `model_type: "smallthinker"` is registered; nothing of transformers itself is patched. A `config.json`
+without `model_type` (the published 21B file) is not recognisable by `AutoConfig`: load such a checkpoint with
+`SmallThinkerForCausalLM.from_pretrained(path)`, which reads any SmallThinker config, or add the key to the file.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.configuration_utils import PreTrainedConfig
 
 from .configuration_smallthinker import SmallThinkerConfig
 from .modeling_smallthinker import SmallThinkerForCausalLM, SmallThinkerModel
-
-_ARCHITECTURES = {"SmallThinkerForCausalLM", "SmallThinkerModel"}
-
-
-def _with_model_type(config_dict: dict[str, Any]) -> dict[str, Any]:
-    if "model_type" not in config_dict and _ARCHITECTURES & set(config_dict.get("architectures") or []):
-        config_dict["model_type"] = SmallThinkerConfig.model_type
-    return config_dict
-
-
-def _install_model_type_fallback() -> None:
-    original = PreTrainedConfig.get_config_dict.__func__
-    if getattr(original, "_smallthinker_fallback", False):
-        return
-
-    def get_config_dict(cls, *args, **kwargs):
-        config_dict, unused = original(cls, *args, **kwargs)
-        return _with_model_type(config_dict), unused
-
-    get_config_dict._smallthinker_fallback = True
-    PreTrainedConfig.get_config_dict = classmethod(get_config_dict)
 
 
 def register() -> None:
@@ -45,4 +22,3 @@ def register() -> None:
     SmallThinkerConfig.register_for_auto_class()
     SmallThinkerModel.register_for_auto_class("AutoModel")
     SmallThinkerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    _install_model_type_fallback()

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from smallthinker.synthetic.benchmarks import GPQA_SIZE, write_benchmarks
 from smallthinker.synthetic.corpus import write_corpus
@@ -55,6 +56,12 @@ def _paths_from(out: Path, manifest: dict) -> dict[str, Path]:
         "root": out,
         "manifest": out / MANIFEST,
     }
+
+
+def prepare_for_run(cfg: Any) -> None:
+    """A training run's `prepare_data` hook: the corpus and tokenizer its `synthetic_dir` names, if any."""
+    if getattr(cfg, "synthetic_dir", None):
+        prepare_synthetic(cfg.synthetic_dir)
 
 
 def prepare_synthetic(

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM, load_model_config
+from smallthinker.modeling.modeling_smallthinker import reset_rope
 from smallthinker.train.config import ConfigError, TrainConfig
 
 VOCAB_MULTIPLE = 64  # pad a fresh model's vocabulary to a GEMM-friendly size
@@ -30,14 +31,6 @@ def tokenizer_source(cfg: TrainConfig, resume_path: Path | None) -> Path:
     if cfg.synthetic_dir:
         return Path(cfg.synthetic_dir) / "tokenizer"
     raise ConfigError("no tokenizer: set tokenizer.path, model.init_from or synthetic_dir")
-
-
-def ensure_synthetic(cfg: TrainConfig) -> None:
-    """Prepare the synthetic corpus + tokenizer (offline; returns at once when already there)."""
-    if cfg.synthetic_dir:
-        from smallthinker.synthetic import prepare_synthetic
-
-        prepare_synthetic(cfg.synthetic_dir)
 
 
 def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
@@ -104,12 +97,7 @@ def apply_model_overrides(model: torch.nn.Module, overrides: dict[str, Any]) -> 
         if not hasattr(model.config, key):
             raise ConfigError(f"stage_model_overrides: the model config has no field {key!r}")
         setattr(model.config, key, value)
-    for module in model.modules():
-        if hasattr(module, "compute_default_rope_parameters") and hasattr(module, "inv_freq"):
-            inv_freq = module.compute_default_rope_parameters(module.config)[0]
-            module.inv_freq.copy_(inv_freq.to(module.inv_freq.device))
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq.copy_(inv_freq.to(module.inv_freq.device))
+    reset_rope(model)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from smallthinker.train.config import ConfigError, load_train_config
+from smallthinker.train.config import ConfigError, TrainConfig, load_train_config
 from smallthinker.train.loop import TrainResult, train
 
 
@@ -24,11 +25,17 @@ def parse_args(argv: list[str] | None, task: str, doc: str | None) -> tuple[argp
     return args, rest
 
 
-def main(argv: list[str] | None, task: str, doc: str | None = None) -> TrainResult:
+def main(
+    argv: list[str] | None,
+    task: str,
+    doc: str | None = None,
+    prepare_data: Callable[[TrainConfig], None] | None = None,
+) -> TrainResult:
+    """Parse, check the task, train; `prepare_data(cfg)` writes generated data the config names (main rank first)."""
     args, overrides = parse_args(argv, task, doc)
     if args.resume:
         overrides.append(f"--checkpoint.resume={args.resume}")
     cfg = load_train_config(args.config, overrides)
     if cfg.task != task:
         raise ConfigError(f"{args.config} is a {cfg.task!r} config; this entry point runs {task!r}")
-    return train(cfg)
+    return train(cfg, prepare_data)

@@ -121,8 +121,8 @@ class TrainConfig:
     run_dir: str = "runs/pretrain_tiny"
     seed: int = 0
     synthetic_dir: str | None = None
-    """When set, the offline synthetic corpus + tokenizer is prepared there first (idempotent, no
-    downloads); data sources may then point into it."""
+    """The offline synthetic corpus + tokenizer directory: the tokenizer's default source. The entry points
+    (`scripts.pretrain`, `scripts.sft`, the quickstart) generate it there first when missing."""
     precision: Precision = "fp32"
     cpu: bool | None = None
     """Train on CPU; None = on CPU exactly when no CUDA device is present. Several CPU processes

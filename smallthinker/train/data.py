@@ -21,7 +21,6 @@ type, for callers that cannot rely on that.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -365,7 +364,6 @@ class TrainStream:
         self.batches_emitted = 0
 
     current_stage: str = "main"
-    current_stage_index: int = 0
 
     def __iter__(self) -> TrainStream:
         return self
@@ -432,10 +430,6 @@ class PackedTextStream(TrainStream):
     @property
     def current_stage(self) -> str:  # type: ignore[override]
         return self.cfg.stages[self.stage_idx].name if self.cfg.stages else "main"
-
-    @property
-    def current_stage_index(self) -> int:  # type: ignore[override]
-        return self.stage_idx
 
     def _seq_len(self) -> int:
         if self.cfg.stages and self.cfg.stages[self.stage_idx].seq_len:
@@ -599,8 +593,3 @@ def build_train_stream(
     return PackedTextStream(
         cfg, cursors, eos_id, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size
     )
-
-
-def total_tokens(cfg: DataConfig) -> int | float:
-    """Global token budget over all stages (inf without stages)."""
-    return sum(s.tokens for s in cfg.stages) if cfg.stages else math.inf

@@ -5,7 +5,7 @@ valid target tokens (label != -100 after the shift) of all micro-batches on all 
 and all-reduced; each micro-batch's loss is its token-loss *sum* divided by that global count, so the
 step's gradient is that of the mean over every target token of the global batch, whatever the split
 into micro-batches and ranks. DDP averages gradients over ranks, hence the `* world_size`.
-Router losses are per micro-batch quantities and are averaged over micro-batches and ranks.
+The router losses and their scopes are `smallthinker.train.losses`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -34,7 +33,6 @@ from smallthinker.train.build import (
     build_stream,
     check_seq_lens,
     data_config,
-    ensure_synthetic,
     load_tokenizer,
     regroup_stream_states,
     stage_seq_lens,
@@ -49,11 +47,10 @@ from smallthinker.train.config import (
     to_dict,
 )
 from smallthinker.train.data import TOKEN_MASK
-from smallthinker.train.losses import RouterLosses
+from smallthinker.train.losses import TrainingLosses
 from smallthinker.train.metrics import (
     MetricsLogger,
     default_peak_flops,
-    expert_counts,
     flops_per_token,
     load_summary,
     neuron_sparsity,
@@ -97,7 +94,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: ShardedStream
     tokenizer: Any
-    router_losses: RouterLosses
+    losses: TrainingLosses
     logger: MetricsLogger
     state: ckpt.TrainerState
     stage: str
@@ -111,13 +108,18 @@ class Run:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
-        # A second run in one single-process interpreter (tests, notebooks, benchmarks) may use another
-        # precision; accelerate keeps its state per process and refuses changes unless reset.
-        AcceleratorState._reset_state(reset_partial_state=True)
     cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
     # cpu=True is also what makes accelerate build a gloo group for CPU processes started by torchrun.
-    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=cpu)
+    # Mixed precision is the loop's own autocast (`autocast`): accelerate keeps one precision per process and
+    # refuses a second run in the same interpreter (tests, notebooks, benchmarks) that asks for another.
+    return Accelerator(cpu=cpu)
+
+
+def autocast(run: Run) -> contextlib.AbstractContextManager:
+    """bf16 autocast around the forward passes when the run asks for bf16, else nothing."""
+    if run.cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16)
 
 
 def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> None:
@@ -147,7 +149,9 @@ def refuse_to_overwrite(run_dir: Path) -> None:
         )
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, prepare_data: Callable[[TrainConfig], None] | None = None) -> Run:
+    """Everything a run needs; `prepare_data` (e.g. generating a synthetic corpus) runs on the main process
+    first, before any rank reads the data."""
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -156,8 +160,9 @@ def setup(cfg: TrainConfig) -> Run:
         check_resume_compatible(cfg, resume_path, accelerator.num_processes)
     else:
         refuse_to_overwrite(run_dir)
-    with accelerator.main_process_first():
-        ensure_synthetic(cfg)
+    if prepare_data is not None:
+        with accelerator.main_process_first():
+            prepare_data(cfg)
     tokenizer = load_tokenizer(tokenizer_source(cfg, resume_path))
     data_cfg = data_config(cfg)
     model = build_model(cfg, tokenizer, resume_path)
@@ -167,17 +172,11 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.schedule.total_steps or cfg.max_steps)
     model, optimizer = distributed.prepare(accelerator, model, optimizer)
-    mc = accelerator.unwrap_model(model).config
-    router_losses = RouterLosses(
-        cfg.loss,
-        mc.moe_num_primary_experts,
-        mc.moe_num_active_primary_experts,
-        mc.moe_primary_router_apply_softmax,
-    )
+    losses = TrainingLosses(cfg.loss, accelerator.unwrap_model(model).config, accelerator.num_processes)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, accelerator.is_main_process)
     run = Run(
-        cfg, accelerator, model, optimizer, scheduler, stream, tokenizer, router_losses, logger,
+        cfg, accelerator, model, optimizer, scheduler, stream, tokenizer, losses, logger,
         ckpt.TrainerState(step=0, tokens_seen=0, world_size=accelerator.num_processes),
         stage=stream.current_stage, seq_lens=stage_seq_lens(data_cfg),
     )  # fmt: skip
@@ -227,12 +226,15 @@ def next_micro_batches(run: Run) -> list[tuple[str, dict[str, torch.Tensor]]] | 
     return out
 
 
-def enter_stage(run: Run, stage: str) -> None:
+def enter_stage(run: Run, stage: str, quiet: bool = False) -> None:
     if stage == run.stage:
         return
     overrides = run.cfg.stage_model_overrides.get(stage, {})
     apply_model_overrides(run.unwrapped, overrides)
-    run.accelerator.print(f"step {run.state.step}: data stage {stage!r} begins; model overrides {overrides}")
+    if not quiet:
+        run.accelerator.print(
+            f"step {run.state.step}: data stage {stage!r} begins; model overrides {overrides}"
+        )
     run.stage = stage
 
 
@@ -242,41 +244,72 @@ def reduce_sum(run: Run, value: torch.Tensor) -> torch.Tensor:
     return run.accelerator.reduce(value.clone(), reduction="sum")
 
 
+def split_masks(micro: list[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor | None]:
+    """Take each micro-batch's real-token mask out of it: the stream's padding mask (SFT rows and tails, not a
+    model input: a 2-D mask would disable packed-sequence attention), else the attention mask."""
+    masks = []
+    for _, batch in micro:
+        mask = batch.pop(TOKEN_MASK, None)
+        masks.append(mask if mask is not None else batch.get("attention_mask"))
+    return masks
+
+
+def step_load(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]], masks: list) -> Any:
+    """The step's expert load for balance scopes that span micro-batches (None otherwise): each micro-batch is
+    routed in its own data stage's model state, then the model is put back in the first one's."""
+    if not run.losses.spans_micro_batches or len(micro) == 1:
+        return None
+    stage, config = run.stage, run.unwrapped.config
+    keys = {k for s, _ in micro for k in run.cfg.stage_model_overrides.get(s, {})}
+    before = {k: getattr(config, k) for k in keys}
+    loads = []
+    for (stage_i, batch), mask in zip(micro, masks):
+        enter_stage(run, stage_i, quiet=True)
+        with autocast(run):
+            loads.append(run.losses.routing_load(run.model, batch, mask))
+    apply_model_overrides(run.unwrapped, before)
+    run.stage = stage
+    return run.losses.span_load(loads)
+
+
 def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, Any]:
     acc, cfg, world = run.accelerator, run.cfg, run.accelerator.num_processes
     # Target tokens after the model's shift (labels[:, 1:]), of all micro-batches, then of all ranks.
     local_items = torch.stack([(b["labels"][:, 1:] != -100).sum() for _, b in micro]).sum().float()
     global_items = reduce_sum(run, local_items).clamp_min(1.0)
-    ce_sum = torch.zeros((), device=acc.device)
-    aux_sum = torch.zeros((), device=acc.device)
-    z_sum = torch.zeros((), device=acc.device)
-    for i, (stage, batch) in enumerate(micro):
+    masks = split_masks(micro)
+    load = step_load(run, micro, masks)
+    loss_fn, vocab_size = run.unwrapped.loss_function, run.unwrapped.config.vocab_size
+    # The step's losses: [CE, balance, z, balance per layer, z per layer], each the sum of the micro-batches' shares.
+    sums = None
+    for i, ((stage, batch), mask) in enumerate(zip(micro, masks)):
         enter_stage(run, stage)
-        # Real tokens for the router losses and expert counts: the stream's padding mask, else the attention mask.
-        token_mask = batch.pop(TOKEN_MASK, None)
-        if token_mask is None:
-            token_mask = batch.get("attention_mask")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         sync = i == len(micro) - 1  # all-reduce gradients only after the last micro-batch
         with contextlib.nullcontext() if sync else acc.no_sync(run.model):
-            out = run.model(
-                **batch, output_router_logits=True, use_cache=False, num_items_in_batch=global_items
-            )
-            aux, z = run.router_losses(out, token_mask)
-            router = (cfg.loss.balance_coef * aux + cfg.loss.z_coef * z) / len(micro)
-            acc.backward(out.loss * world + router)
-        ce_sum += out.loss.detach()
-        aux_sum += aux.detach() / len(micro)
-        z_sum += z.detach() / len(micro)
+            with autocast(run):
+                out = run.model(**inputs, output_router_logits=True, use_cache=False)
+            ce = loss_fn(out.logits, batch["labels"], vocab_size, num_items_in_batch=global_items)
+            terms = run.losses.micro_batch(out, ce, mask, len(micro), load)
+            acc.backward(terms.objective(cfg.loss.balance_coef, cfg.loss.z_coef, world))
+        shares = torch.cat([
+            terms.ce.detach().reshape(1),
+            terms.balance_share(terms.balance.detach()).reshape(1),
+            terms.z_share(terms.z.detach()).reshape(1),
+            terms.balance_share(terms.balance_L.detach()),
+            terms.z_share(terms.z_L.detach()),
+        ])  # fmt: skip
+        sums = shares if sums is None else sums + shares
         if run.counts_LE is not None:
-            run.counts_LE += expert_counts(out.router_logits, run.router_losses.top_k, token_mask)
-    every = cfg.logging.moe_metrics_every
-    layer_losses = {}
-    if every and (run.state.step + 1) % every == 0:
-        layer_losses = run.router_losses.per_layer(out.router_logits, token_mask)
+            run.counts_LE += terms.counts_LE
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
-    stats = reduce_sum(run, torch.stack([ce_sum, aux_sum / world, z_sum / world]))
-    loss, aux_loss, z_loss = stats.tolist()
+    # One all-reduce for every reported statistic; router losses are averaged over ranks, the CE shares summed.
+    sums[1:] = sums[1:] / world
+    stats = reduce_sum(run, sums)
+    num_layers = terms.balance_L.shape[0]
+    loss, aux_loss, z_loss = stats[:3].tolist()
+    layer_aux, layer_z = stats[3 : 3 + num_layers], stats[3 + num_layers :]
     if not all(math.isfinite(v) for v in (loss, aux_loss, z_loss, float(grad_norm))):
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(
@@ -290,6 +323,10 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["input_ids"].numel() for _, b in micro) * world
+    layer_losses = {}
+    every = cfg.logging.moe_metrics_every
+    if every and (run.state.step + 1) % every == 0:
+        layer_losses = {"layer_aux_loss": layer_aux.tolist(), "layer_z_loss": layer_z.tolist()}
     return {"loss": loss, "aux_loss": aux_loss, "z_loss": z_loss, "grad_norm": float(grad_norm), "lr": lr,
             "tokens": tokens, "target_tokens": int(global_items), "layer_losses": layer_losses}  # fmt: skip
 
@@ -377,13 +414,16 @@ def save(run: Run) -> Path:
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train until `max_steps` (or the end of the data stages), checkpointing along the way."""
-    run = setup(cfg)
+def train(cfg: TrainConfig, prepare_data: Callable[[TrainConfig], None] | None = None) -> TrainResult:
+    """Train until `max_steps` (or the end of the data stages), checkpointing along the way.
+
+    `prepare_data(cfg)` runs once on the main process before the data is read (e.g. writing a generated corpus).
+    """
+    run = setup(cfg, prepare_data)
     acc, log = run.accelerator, cfg.logging
     acc.print(yaml.safe_dump({"resolved config": to_dict(cfg)}, sort_keys=False))
     if log.moe_metrics_every:
-        num_layers, num_experts = run.unwrapped.config.num_hidden_layers, run.router_losses.num_experts
+        num_layers, num_experts = run.unwrapped.config.num_hidden_layers, run.losses.num_experts
         run.counts_LE = torch.zeros(num_layers, num_experts, device=acc.device)
     history: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not (log.progress_bar and acc.is_main_process),

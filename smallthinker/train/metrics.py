@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from smallthinker.modeling.modeling_smallthinker import SmallThinkerExperts
+from smallthinker.modeling.sizes import active_params
+
 # Dense peak FLOP/s of one device, used for MFU when `logging.peak_flops` is not set.
 # CPU: the PyTorch GEMM rate measured on the project's 2-core AVX-512 bf16 machine (ANCHORS.md);
 # GPU: vendor dense tensor-core numbers (H100 SXM), the common MFU reference.
@@ -26,18 +29,9 @@ def default_peak_flops(device_type: str, precision: str) -> float:
     return DEFAULT_PEAK_FLOPS.get((device_type, precision), DEFAULT_PEAK_FLOPS[("cuda", precision)])
 
 
-def active_params(config: Any) -> int:
-    """Parameters one token multiplies with: attention, router, top-k experts, lm_head (no embedding lookup)."""
-    h, d = config.hidden_size, config.head_dim
-    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o, k, v
-    router = h * config.moe_num_primary_experts
-    expert = 3 * h * config.moe_ffn_hidden_size  # gate, up, down
-    per_layer = attn + router + config.moe_num_active_primary_experts * expert
-    return config.num_hidden_layers * per_layer + h * config.vocab_size
-
-
 def flops_per_token(config: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active params + attention scores (PaLM, arXiv 2204.02311, App. B).
+    """Training FLOPs per token: 6 x active params (with the LM head) + attention scores (PaLM, arXiv 2204.02311,
+    App. B).
 
     Attention adds 12 * heads * head_dim * context per layer (forward QK^T and AV, times 3 for
     backward); context is the sequence length, or the window on sliding-window layers.
@@ -47,24 +41,7 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     for uses_window in windows:
         context = min(seq_len, config.sliding_window_size) if uses_window else seq_len
         attn += 12 * config.num_attention_heads * config.head_dim * context
-    return 6 * active_params(config) + attn
-
-
-def expert_counts(
-    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """[L, E] number of tokens routed to each expert (top-k of the raw logits, padding excluded)."""
-    with torch.no_grad():
-        num_layers, num_experts = len(router_logits), router_logits[0].shape[-1]
-        top_LTK = torch.stack([r.detach().topk(top_k, dim=-1).indices for r in router_logits])
-        # One bincount over (layer, expert) pairs: no [L, T, K, E] one-hot tensor.
-        offset_L11 = torch.arange(num_layers, device=top_LTK.device)[:, None, None] * num_experts
-        weights = None
-        if attention_mask is not None:
-            keep_T = attention_mask.reshape(-1).float()  # [B,S] -> [T]
-            weights = keep_T[None, :, None].expand(top_LTK.shape).reshape(-1)
-        flat = torch.bincount((top_LTK + offset_L11).reshape(-1), weights, minlength=num_layers * num_experts)
-        return flat.reshape(num_layers, num_experts).float()
+    return 6 * active_params(config, include_head=True) + attn
 
 
 def load_summary(counts_LE: torch.Tensor) -> dict[str, list[float]]:
@@ -87,7 +64,7 @@ def load_summary(counts_LE: torch.Tensor) -> dict[str, list[float]]:
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for name, m in model.named_modules() if name.endswith("block_sparse_moe.experts")]
+    return [m for m in model.modules() if isinstance(m, SmallThinkerExperts)]
 
 
 @contextmanager

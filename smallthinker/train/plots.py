@@ -6,18 +6,25 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from smallthinker.train.metrics import read_metrics
 
-from smallthinker.train.metrics import read_metrics  # noqa: E402
+
+def subplots(
+    *args: int, figsize: tuple[float, float], layout: str | None = None, **kwargs: Any
+) -> tuple[Figure, Any]:
+    """`pyplot.subplots` without pyplot: a figure that only ever renders to files, so no GUI backend is chosen
+    and the process-wide backend setting is left alone."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    fig, (ax_loss, ax_lr) = subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     ax_loss.plot(steps, [r["loss"] for r in records], label="LM loss")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_loss.grid(alpha=0.3)
@@ -47,7 +54,7 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path, max_layers: int =
     layers = np.unique(np.linspace(0, num_layers - 1, min(num_layers, max_layers)).round().astype(int))
     cols = min(4, len(layers))
     nrows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         nrows, cols, figsize=(3.2 * cols, 2.6 * nrows + 0.6), squeeze=False, sharex=True, layout="constrained"
     )
     steps = [r["step"] for r in rows]
@@ -64,7 +71,6 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path, max_layers: int =
     fig.colorbar(image, ax=axes, label="load / uniform")
     fig.suptitle("Expert load per layer (share of routed tokens)")
     fig.savefig(out / "expert_load.png", dpi=110)
-    plt.close(fig)
     return out / "expert_load.png"
 
 
@@ -79,9 +85,9 @@ def plot_load_balance(records: list[dict[str, Any]], out: Path) -> Path | None:
         ("load_min", "min load / uniform"),
         ("load_entropy", "entropy / log E"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    fig, axes = subplots(1, len(panels), figsize=(13, 3.8))
     num_layers = len(rows[0]["load_max"])
-    colors = plt.cm.viridis(np.linspace(0, 1, num_layers))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0, 1, num_layers))
     for ax, (key, title) in zip(axes, panels):
         for layer in range(num_layers):
             ax.plot(steps, [r[key][layer] for r in rows], color=colors[layer], label=f"layer {layer}")
@@ -97,9 +103,9 @@ def plot_neuron_sparsity(records: list[dict[str, Any]], out: Path) -> Path | Non
     rows = [r for r in records if "zero_neuron_fraction" in r]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     num_layers = len(rows[0]["zero_neuron_fraction"])
-    colors = plt.cm.viridis(np.linspace(0, 1, num_layers))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0, 1, num_layers))
     for layer in range(num_layers):
         ax.plot([r["step"] for r in rows], [r["zero_neuron_fraction"][layer] for r in rows],
                 color=colors[layer], label=f"layer {layer}")  # fmt: skip
@@ -113,10 +119,9 @@ def plot_neuron_sparsity(records: list[dict[str, Any]], out: Path) -> Path | Non
     return _save(fig, out / "neuron_sparsity.png")
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

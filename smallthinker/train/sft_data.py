@@ -217,7 +217,6 @@ class PackedChatStream(TrainStream):
     """SFT stream: whole conversations packed into rows (never split across rows), padded at the end."""
 
     current_stage = "sft"
-    current_stage_index = 0
 
     def __init__(
         self,

@@ -126,3 +126,58 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(FileNotFoundError, match="tiny-4b-style"):
         load_model_config("no-such-preset")
+
+
+def official_save_pretrained_dict(cfg: dict) -> dict:
+    """config.json as the official class's `save_pretrained` writes it: it stores copies of the window settings
+    for vLLM (`sliding_window`, `sliding_window_pattern`) beside the official keys."""
+    return {
+        **cfg,
+        "sliding_window": cfg["sliding_window_size"],
+        "sliding_window_pattern": cfg["sliding_window_layout"],
+    }
+
+
+@pytest.mark.parametrize("layout", ["4b_style", "21b_style"])
+def test_configs_saved_by_the_official_code_load_and_round_trip(tmp_path, layout):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from smallthinker.modeling import SmallThinkerForCausalLM
+    from tests.modeling.official_checkpoint import LAYOUTS, official_state_dict, write_official_checkpoint
+
+    cfg = official_save_pretrained_dict(LAYOUTS[layout])
+    official = write_official_checkpoint(tmp_path / "official", cfg, official_state_dict(LAYOUTS[layout]))
+    config = SmallThinkerConfig.from_pretrained(official)
+    assert config.sliding_window_layout == cfg["sliding_window_layout"]
+    model = SmallThinkerForCausalLM.from_pretrained(official)
+    if "model_type" in cfg:  # the Auto classes need it (the published 21B file has none)
+        assert isinstance(AutoConfig.from_pretrained(official), SmallThinkerConfig)
+        assert type(AutoModelForCausalLM.from_pretrained(official)) is SmallThinkerForCausalLM
+    model.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    # official code -> ours -> a file the official code reads with the same keys (ours adds model_type when the
+    # file had none: the official class writes it too).
+    assert set(saved) - {"model_type"} == set(cfg) - {"model_type"}
+    assert saved["sliding_window"] == cfg["sliding_window"]
+    assert saved["sliding_window_pattern"] == cfg["sliding_window_pattern"]
+
+
+def test_published_files_gain_no_vllm_keys(tmp_path):
+    from tests.modeling.official_checkpoint import OFFICIAL_4B_STYLE
+
+    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_4B_STYLE))
+    SmallThinkerConfig.from_pretrained(tmp_path).save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "sliding_window" not in saved and "sliding_window_pattern" not in saved
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "official"),
+    [
+        ("sliding_window", 2048, "sliding_window_size"),
+        ("sliding_window_pattern", [1, 0, 0, 0], "sliding_window_layout"),
+    ],
+)
+def test_disagreeing_vllm_keys_are_a_clear_error(key, value, official):
+    with pytest.raises(ValueError, match=f"{key}=.* disagrees with {official}="):
+        SmallThinkerConfig(num_hidden_layers=4, **{key: value})

@@ -274,9 +274,32 @@ def test_saved_files_use_official_expert_names(tmp_path):
     torch.testing.assert_close(gate, model.model.layers[2].block_sparse_moe.experts.gate_up_proj[5, :128])
 
 
-def test_out_of_vocabulary_ids_are_a_clear_error():
+def test_out_of_vocabulary_ids_are_a_clear_error_when_checks_are_on(monkeypatch):
+    # Off by default: the range check makes the host wait for the device on every decode step.
+    monkeypatch.setenv("SMALLTHINKER_CHECK_INPUTS", "1")
     with pytest.raises(ValueError, match="vocab_size"):
         tiny()(torch.tensor([[1, 256]]))
+
+
+@pytest.mark.parametrize("checks", ["0", "1"])
+def test_forward_reads_token_ids_on_the_host_only_when_asked(monkeypatch, checks):
+    """Without the debug flag the forward never converts the ids to Python numbers (a device sync on GPUs)."""
+    monkeypatch.setenv("SMALLTHINKER_CHECK_INPUTS", checks)
+    model = tiny()
+    ids = torch.tensor([[1, 2, 3]])
+    seen = []
+    original = torch.Tensor.__int__
+
+    def spy(tensor):
+        seen.append(tensor.data_ptr() == ids.data_ptr() or tensor.dtype == ids.dtype)
+        return original(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__int__", spy)
+    model.model.embed_tokens(ids)  # warm: the spy only watches the model's own forward below
+    seen.clear()
+    model.set_experts_implementation("grouped_mm")
+    model(ids)
+    assert any(seen) == (checks == "1")
 
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path):

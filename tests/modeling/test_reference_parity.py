@@ -1,7 +1,8 @@
 """Parity of the packaged model with an independent reference of the official forward pass.
 
 Official-layout checkpoints (per-expert tensor names, official config.json keys) are written to disk with
-safetensors and loaded through ``AutoModelForCausalLM``; logits must match ``reference_forward`` for every
+safetensors and loaded through ``AutoModelForCausalLM`` (``SmallThinkerForCausalLM`` for the 21B file, which has
+no ``model_type``); logits must match ``reference_forward`` for every
 experts implementation and attention implementation, for both published layouts.
 """
 
@@ -15,7 +16,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import smallthinker.modeling  # noqa: F401  (registers the model with the Auto classes)
+from smallthinker.modeling import (  # also registers the Auto classes
+    SmallThinkerConfig,
+    SmallThinkerForCausalLM,
+)
 from tests.modeling.official_checkpoint import LAYOUTS, official_state_dict, write_official_checkpoint
 from tests.modeling.reference_forward import reference_logits
 
@@ -40,7 +44,12 @@ def input_ids(cfg: dict, seed: int = 0) -> torch.Tensor:
 
 
 def load(directory: Path, dtype: torch.dtype = torch.float32, **kwargs):
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    """Through the Auto class where the file names its model_type; the published 21B file does not, and only
+    our class (which reads any SmallThinker config) can load it."""
+    has_model_type = "model_type" in json.loads((directory / "config.json").read_text())
+    cls = AutoModelForCausalLM if has_model_type else SmallThinkerForCausalLM
+    model = cls.from_pretrained(directory, dtype=dtype, **kwargs)
+    assert type(model) is SmallThinkerForCausalLM
     return model.eval()
 
 
@@ -119,9 +128,7 @@ def test_save_pretrained_writes_official_names(official, tmp_path: Path) -> None
 
 def test_tied_head_is_the_embedding() -> None:
     cfg = LAYOUTS["4b_style"]
-    model = AutoModelForCausalLM.from_config(
-        smallthinker.modeling.SmallThinkerConfig(**cfg_without_meta(cfg))
-    )
+    model = AutoModelForCausalLM.from_config(SmallThinkerConfig(**cfg_without_meta(cfg)))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 

@@ -11,6 +11,7 @@ this process compares with ours.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 checkpoint, io_dir, modules_cache = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
@@ -58,10 +59,13 @@ assert type(model).__module__.startswith("transformers_modules."), type(model)._
 assert source.is_relative_to(modules_cache.resolve()), source
 assert not any(m == "smallthinker" or m.startswith("smallthinker.") for m in sys.modules)
 ids = load_file(str(io_dir / "inputs.safetensors"))["input_ids"]
+base = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+assert type(base).__name__ == "SmallThinkerModel", type(base).__name__
 with torch.no_grad():
+    hidden = base(ids).last_hidden_state
     logits = model(ids).logits
     generated = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-save_file({"logits": logits, "generated": generated}, str(io_dir / "child.safetensors"))
+save_file({"logits": logits, "hidden": hidden, "generated": generated}, str(io_dir / "child.safetensors"))
 print("loaded", type(model).__name__, "from", source)
 '''
 
@@ -88,7 +92,10 @@ def test_saved_checkpoint_loads_as_remote_code_without_package(tmp_path: Path) -
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     assert (checkpoint / "modeling_smallthinker.py").is_file(), "save_pretrained must copy the model code"
-    assert "auto_map" in (checkpoint / "config.json").read_text()
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}, (
+        auto_map
+    )  # as the official files
 
     ids = torch.randint(0, cfg["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
     io_dir = tmp_path / "io"
@@ -98,6 +105,7 @@ def test_saved_checkpoint_loads_as_remote_code_without_package(tmp_path: Path) -
     assert type(ours) is SmallThinkerForCausalLM  # without trust_remote_code, our registered class is used
     with torch.no_grad():
         expected = ours(ids).logits
+        expected_hidden = ours.model(ids).last_hidden_state
         expected_generated = ours.generate(
             ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
         )
@@ -111,6 +119,7 @@ def test_saved_checkpoint_loads_as_remote_code_without_package(tmp_path: Path) -
 
     child = load_file(str(io_dir / "child.safetensors"))
     torch.testing.assert_close(child["logits"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(child["hidden"], expected_hidden, atol=1e-5, rtol=0)
     assert torch.equal(child["generated"], expected_generated)
 
 

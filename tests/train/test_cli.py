@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from smallthinker.synthetic.prepare import prepare_for_run
 from smallthinker.train.cli import main
 from smallthinker.train.config import ConfigError
 
@@ -25,7 +26,9 @@ def fresh_machine(tmp_path_factory):
     root = tmp_path_factory.mktemp("fresh")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        result = main(["--config", str(REPO / "configs/train/pretrain_tiny.yaml"), *SHORT], "pretrain")
+        config = str(REPO / "configs/train/pretrain_tiny.yaml")
+        # As `scripts.pretrain` runs it: the entry point generates the data, the training package does not.
+        result = main(["--config", config, *SHORT], "pretrain", prepare_data=prepare_for_run)
     return root, result
 
 

@@ -26,10 +26,16 @@ def read(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # starts two interpreters through `accelerate launch`
-def test_two_processes_match_one_process(tmp_path):
-    """2 ranks x (2 rows x 1 micro-batch) == 1 process x (2 rows x 2 micro-batches), shard for shard."""
-    common = ("data_shards=2", "max_steps=4", "loss.balance_scope=micro_batch", "micro_batch_size=2")
-    two = tiny_config(tmp_path / "two", *common, "grad_accum_steps=1", "checkpoint.every=2")
+@pytest.mark.parametrize(
+    ("scope", "two_accum", "one_accum"),
+    [("micro_batch", 1, 2), ("global_batch", 1, 2), ("global_batch", 2, 4)],
+)
+def test_two_processes_match_one_process(tmp_path, scope, two_accum, one_accum):
+    """2 ranks x (2 rows x A micro-batches) == 1 process x (2 rows x 2A micro-batches), shard for shard. With
+    the global_batch scope the balance loss is that of the whole global batch, however it is split."""
+    common = ("data_shards=2", "max_steps=4", f"loss.balance_scope={scope}", "micro_batch_size=2",
+              "loss.balance_coef=0.5")  # fmt: skip
+    two = tiny_config(tmp_path / "two", *common, f"grad_accum_steps={two_accum}", "checkpoint.every=2")
     save_train_config(two, tmp_path / "two.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", "29517",
@@ -37,7 +43,7 @@ def test_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = train(tiny_config(tmp_path / "one", *common, "grad_accum_steps=2"))
+    one = train(tiny_config(tmp_path / "one", *common, f"grad_accum_steps={one_accum}"))
     two_records = read(tmp_path / "two" / "run")
     assert len(two_records) == len(one.history) == 4
     for a, b in zip(two_records, one.history):

@@ -156,9 +156,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         calls = {"n": 0}
 
         def poison(module, inputs, output):
-            calls["n"] += output.loss is not None  # training forwards only
-            if calls["n"] >= 5 and output.loss is not None:
-                output.loss = output.loss * float("nan")
+            training = torch.is_grad_enabled()  # not the gradient-free metric forwards
+            calls["n"] += training
+            if calls["n"] >= 5 and training:
+                output.logits = output.logits * float("nan")
             return output
 
         model.register_forward_hook(poison)

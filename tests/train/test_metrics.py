@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from smallthinker.modeling import SmallThinkerForCausalLM, load_model_config
+from smallthinker.modeling.modeling_smallthinker import expert_counts
+from smallthinker.modeling.sizes import active_params
 from smallthinker.train.metrics import (
     MetricsLogger,
-    active_params,
-    expert_counts,
     flops_per_token,
     load_summary,
     neuron_sparsity,
@@ -24,13 +24,14 @@ def test_active_params_match_the_report():
     """SMALLTHINKER.md: 0.631 B (4B) and 2.94 B (21B) active parameters without embeddings."""
     for name, expected in (("smallthinker-4b", 0.631e9), ("smallthinker-21b", 2.94e9)):
         config = load_model_config(name)
-        body = active_params(config) - config.hidden_size * config.vocab_size  # minus the lm_head
-        assert body == pytest.approx(expected, rel=0.01), name
+        assert active_params(config) == pytest.approx(expected, rel=1e-3), name
+        head = config.hidden_size * config.vocab_size
+        assert active_params(config, include_head=True) == active_params(config) + head
 
 
 def test_flops_per_token_attention_term():
     config = load_model_config("smallthinker-21b")
-    base = 6 * active_params(config)
+    base = 6 * active_params(config, include_head=True)
     # 13 full-attention layers see the whole sequence, 39 sliding-window layers at most 4096 keys.
     per_key = 12 * config.num_attention_heads * config.head_dim
     assert flops_per_token(config, 4096) == base + 52 * per_key * 4096
