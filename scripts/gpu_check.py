@@ -5,6 +5,8 @@
    logits and the gradients of every parameter, on the 4B layer shapes;
 2. training tokens/s, MFU and peak memory of the 4B preset at sequence 4096 through the training loop
    (bf16 autocast, fp32 AdamW), at full depth if it fits, with and without activation checkpointing.
+   MFU counts the model's FLOPs only (6 x active parameters + attention), not the recomputation that
+   checkpointing adds.
 
     python -m scripts.gpu_check                                   # writes gpu_check.md
     python -m scripts.gpu_check --steps 20 --micro_batch_size 2 --out gpu_check.md
@@ -108,7 +110,10 @@ def experts_parity(
 def train_config(depth: int, checkpointing: bool, micro_batch: int, seq_len: int, run_dir: Path, device: str):
     from smallthinker.train.config import load_train_config
 
+    synthetic = REPO / "data/generated/synthetic"  # absolute: the check may start from any directory
     overrides = [
+        f"synthetic_dir={synthetic}",
+        f"data.sources=[{{path: '{synthetic / 'corpus/train.jsonl'}', text_field: text}}]",
         "model.preset=smallthinker-4b",
         f"model.overrides={{num_hidden_layers: {depth}, vocab_size: 151936}}",
         "model.experts_implementation=grouped_mm",
