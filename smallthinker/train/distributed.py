@@ -31,6 +31,10 @@ from smallthinker.train.config import ConfigError
 DCP_DIR = "dcp"  # inside a checkpoint directory: the sharded model + optimizer state
 
 
+# accelerate fsdp_config keys whose `true` the trainer cannot honour: refused rather than ignored.
+UNSUPPORTED = ("offload_params", "cpu_ram_efficient_loading")
+
+
 @dataclass(frozen=True)
 class FSDPSettings:
     """What the launch config asks of FSDP2 (exported by `accelerate launch` as FSDP_* variables)."""
@@ -49,6 +53,14 @@ def requested_fsdp2() -> FSDPSettings | None:
         raise ConfigError(
             f"the launch config asks for FSDP version {version}; this trainer shards with FSDP2: set "
             "fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp2.yaml)"
+        )
+    unsupported = [
+        name for name in UNSUPPORTED if os.environ.get(f"FSDP_{name.upper()}", "false").lower() == "true"
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"the launch config sets {', '.join(f'fsdp_{n}: true' for n in unsupported)}, which this trainer does "
+            "not implement (every rank builds the model, weights stay on the accelerator); set it to false"
         )
     return FSDPSettings(
         layer_cls=os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "SmallThinkerDecoderLayer").split(",")[0],
