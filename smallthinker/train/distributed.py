@@ -7,7 +7,8 @@ rather than accelerate's plugin because accelerate turns FSDP off on CPU, and on
 both is one code path that is tested.
 
 Precision: `precision: bf16` keeps fp32 master weights sharded, all-gathers and computes in bf16 and
-reduce-scatters gradients in fp32 (`MixedPrecisionPolicy`); `fp32` computes in fp32 (the CPU default).
+reduce-scatters gradients in fp32 (`MixedPrecisionPolicy`; the loop's bf16 autocast still runs around the
+forward passes); `fp32` computes in fp32 (the CPU default).
 
 Checkpoints of a sharded model go through `torch.distributed.checkpoint` (DCP): every rank writes its own
 shards of the weights and AdamW states into `dcp/`; DCP reshards on load, so a checkpoint written by N
