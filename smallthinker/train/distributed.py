@@ -92,10 +92,10 @@ def shard_model(model: nn.Module, settings: FSDPSettings, precision: str, device
             f"fsdp_transformer_layer_cls_to_wrap={settings.layer_cls!r} matches no module of "
             f"{type(model).__name__}; use SmallThinkerDecoderLayer"
         )
-    if settings.activation_checkpointing and not getattr(model, "is_activation_checkpointing", False):
+    if settings.activation_checkpointing:
         # Before sharding: the checkpointed call then wraps FSDP's all-gather hooks, so the
         # recomputation in the backward pass gathers the layer's weights again.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision_policy(precision)
     for layer in layers:
@@ -104,11 +104,20 @@ def shard_model(model: nn.Module, settings: FSDPSettings, precision: str, device
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    if not getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def shard_if_requested(model: nn.Module, precision: str, accelerator: Any) -> nn.Module:
     """Shard the model when the launcher asked for FSDP2 and there are several processes (one process
-    trains the plain model: there is nothing to shard over)."""
+    trains the plain model: there is nothing to shard over, but checkpointing still applies)."""
     settings = requested_fsdp2()
-    if settings is None or accelerator.num_processes == 1:
+    if settings is None:
+        return model
+    if accelerator.num_processes == 1:
+        if settings.activation_checkpointing:
+            enable_activation_checkpointing(model)
         return model
     return shard_model(model, settings, precision, accelerator.device)
 
