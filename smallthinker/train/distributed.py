@@ -19,6 +19,7 @@ written next to it by rank 0 for inference and `from_pretrained`.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,11 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_
     # DCP has tensors of the right layout to load into.
     model_state, optimizer_state = get_state_dict(model, optim)
     state = {"model": model_state, "optimizer": optimizer_state}
-    # One process without a process group (a sharded run resumed unsharded) reads every shard itself.
-    dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR, no_dist=not dist.is_initialized())
+    # One process without a process group (a sharded run resumed unsharded) reads every shard itself;
+    # DCP warns that it assumes exactly that, which is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR, no_dist=not dist.is_initialized())
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
