@@ -43,7 +43,8 @@ COMMON = ("data_shards=2", "micro_batch_size=2", "max_steps=4", "schedule.total_
           "checkpoint.every=2", "loss.balance_scope=micro_batch")  # fmt: skip
 TWO, ONE = ("grad_accum_steps=1",), ("grad_accum_steps=2",)
 
-pytestmark = pytest.mark.slow  # every test here starts interpreters through `accelerate launch`
+# Slow: the tests here start interpreters through `accelerate launch`, or use runs that did.
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
