@@ -203,6 +203,11 @@ def test_resume_one_process_onto_two(base, single_run, tmp_path):
         restored["optimizer"], distributed.full_optimizer_state(reference.model, reference.optimizer)
     )
     assert_close(records(base / "one_to_two"), records(single_run)[2:])
+    # After step 4 each rank holds one of the two shards, at the position the one-process run reached.
+    step4 = "checkpoints/step_00000004"
+    two = [torch.load(base / "one_to_two" / step4 / f"data_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = torch.load(single_run / step4 / "data_rank0.pt", weights_only=False)["shards"]
+    assert two[0]["shards"] + two[1]["shards"] == one
 
 
 def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
