@@ -60,7 +60,9 @@ def quiet_libraries(verbose: bool, progress_bars: bool = True) -> None:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A note on stderr, from the main process only (every rank of a launched run checks the same inputs)."""
+    if _is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------

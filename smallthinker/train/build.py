@@ -200,6 +200,22 @@ class ShardedStream:
             stream.load_state_dict(shard_state)
 
 
+def regroup_stream_states(states: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's `ShardedStream` state when a run saved by `len(states)` processes resumes on
+    `world_size`: the shards keep their global order (rank r holds a contiguous group of them) and are
+    dealt out again in equal groups. Checkpoints are taken between optimizer steps, where every
+    process has read the same number of micro-batches from each of its shards (`turn` is 0)."""
+    shards = [shard for state in states for shard in state["shards"]]
+    if any(state["turn"] != 0 for state in states) or len(shards) % world_size:
+        raise ValueError(
+            f"the checkpoint's {len(shards)} data shards cannot be regrouped over {world_size} processes: "
+            "resume with the process count that wrote it"
+        )
+    per_rank = len(shards) // world_size
+    mine = shards[rank * per_rank : (rank + 1) * per_rank]
+    return {"turn": 0, "last_stage": states[0]["last_stage"], "shards": mine}
+
+
 def build_stream(
     cfg: TrainConfig, data_cfg: Any, tokenizer: Any, rank: int, world_size: int
 ) -> ShardedStream:

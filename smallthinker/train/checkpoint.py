@@ -5,6 +5,9 @@ Layout of `RUN_DIR/checkpoints/step_00000100/`:
     train_config.yaml                                   -> the resolved run config
     trainer_state.json                                  -> step, tokens seen, world size
     optimizer.pt, scheduler.pt                          -> written by rank 0
+    dcp/                                                -> FSDP2 runs instead of optimizer.pt: weights and
+                                                           optimizer state, each rank writing its shards
+                                                           (torch.distributed.checkpoint)
     rng_rank{R}.pt, data_rank{R}.pt                     -> one per rank (RNG, data stream position)
 
 Atomicity: everything is written to `.tmp-step_XXXXXXXX`, every file and the directory are fsynced,
@@ -32,7 +35,7 @@ from smallthinker.integrity import checkpoint_problem, normalise_file_modes
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "train_config.yaml", "rng_rank0.pt", "data_rank0.pt")
+RESUME_FILES = ("scheduler.pt", "train_config.yaml", "rng_rank0.pt", "data_rank0.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -93,6 +96,8 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
 def resume_problem(path: Path) -> str | None:
     """What keeps a published checkpoint from being resumed (None when its files are all there and intact)."""
     missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+    if not (path / "optimizer.pt").is_file() and not (path / "dcp").is_dir():  # unsharded or FSDP2 optimizer
+        missing.append("optimizer.pt (or dcp/)")
     if missing:
         return f"{', '.join(missing)} missing"
     return checkpoint_problem(path)
@@ -153,15 +158,17 @@ def write_main_files(
     model_to_save: torch.nn.Module,
     model_state: dict[str, torch.Tensor] | None,
     tokenizer: Any,
-    optimizer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
     scheduler_state: dict[str, Any],
     config_yaml: str,
 ) -> None:
-    """Rank 0: model (save_pretrained), tokenizer, optimizer, scheduler and run config."""
+    """Rank 0: model (save_pretrained), tokenizer, optimizer (None: it is in the sharded `dcp/`),
+    scheduler and run config."""
     model_to_save.save_pretrained(tmp, state_dict=model_state)
     normalise_file_modes(tmp)  # save_pretrained writes weights through a 0600 temporary file
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
     (tmp / "train_config.yaml").write_text(config_yaml)
 
@@ -203,8 +210,27 @@ def load_rank_files(path: Path, rank: int) -> dict[str, Any]:
     return torch.load(data_file, weights_only=False)
 
 
-def load_main_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(optimizer state, scheduler state)."""
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-    scheduler_state = torch.load(path / "scheduler.pt", weights_only=False)
-    return optimizer_state, scheduler_state
+def load_all_rank_files(path: Path, saved_world: int) -> list[dict[str, Any]]:
+    """The data-stream states of all ranks of a checkpoint written by `saved_world` processes, for a
+    run of another size; every rank takes rank 0's RNG state, as every rank of a fresh run starts from
+    the same seed."""
+    missing = [r for r in range(saved_world) if not (path / f"data_rank{r}.pt").is_file()]
+    if missing or not (path / "rng_rank0.pt").is_file():
+        raise CheckpointError(
+            f"{path} lacks the data or RNG state of ranks {missing or [0]}: it is incomplete"
+        )
+    set_rng_state(torch.load(path / "rng_rank0.pt", weights_only=False))
+    return [torch.load(path / f"data_rank{r}.pt", weights_only=False) for r in range(saved_world)]
+
+
+def load_scheduler(path: Path) -> dict[str, Any]:
+    return torch.load(path / "scheduler.pt", weights_only=False)
+
+
+def load_optimizer(path: Path) -> dict[str, Any]:
+    """The optimizer state of an unsharded run (`optimizer.pt`)."""
+    if not (path / "optimizer.pt").is_file():
+        raise CheckpointError(
+            f"{path} has neither optimizer.pt nor a sharded dcp/ directory: it is incomplete"
+        )
+    return torch.load(path / "optimizer.pt", weights_only=False)

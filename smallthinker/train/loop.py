@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from smallthinker.train import checkpoint as ckpt
+from smallthinker.train import distributed
 from smallthinker.train.build import (
     ShardedStream,
     apply_model_overrides,
@@ -34,6 +35,7 @@ from smallthinker.train.build import (
     check_seq_lens,
     data_config,
     load_tokenizer,
+    regroup_stream_states,
     stage_seq_lens,
     tokenizer_source,
 )
@@ -58,13 +60,13 @@ from smallthinker.train.metrics import (
 from smallthinker.train.optim import build_optimizer, build_scheduler
 
 # Config fields that must not change when resuming: they decide which data each step sees and which
-# model is trained. Everything else (max_steps, LR, logging, checkpointing) may change.
+# model is trained. Everything else (max_steps, LR, logging, checkpointing) may change. The data shards
+# and the global batch are checked by `distributed.check_resume_layout`, which lets another number of
+# processes continue a run.
 RESUME_FIXED = (
     "task",
     "micro_batch_size",
-    "grad_accum_steps",
     "data",
-    "data_shards",
     "model",
     "stage_model_overrides",
 )
@@ -140,12 +142,7 @@ def check_resume_compatible(cfg: TrainConfig, path: Path, world_size: int) -> No
             f"settings (see {path / 'train_config.yaml'}) or start a new run with --model.init_from={path}"
         )
     saved_world = ckpt.read_trainer_state(path).world_size
-    if saved_world != world_size:
-        raise ConfigError(
-            f"cannot resume from {path}: it was written by {saved_world} processes, this run has "
-            f"{world_size}; resume with {saved_world} processes (data_shards lets fewer processes "
-            "replay a larger run when set from the start)"
-        )
+    distributed.check_resume_layout(saved, cfg, saved_world, world_size, path)
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:
@@ -177,9 +174,10 @@ def setup(cfg: TrainConfig, prepare_data: Callable[[TrainConfig], None] | None =
     model = build_model(cfg, tokenizer, resume_path)
     check_seq_lens(cfg, data_cfg, model.config)
     stream = build_stream(cfg, data_cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
+    model = distributed.shard_if_requested(model, cfg.precision, accelerator)  # before the optimizer
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.schedule.total_steps or cfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare(accelerator, model, optimizer)
     losses = TrainingLosses(cfg.loss, accelerator.unwrap_model(model).config, accelerator.num_processes)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, accelerator.is_main_process)
@@ -199,18 +197,22 @@ def setup(cfg: TrainConfig, prepare_data: Callable[[TrainConfig], None] | None =
 
 
 def restore(run: Run, path: Path) -> None:
-    """Optimizer, scheduler, step counters, this rank's RNG and data position (weights are loaded already)."""
-    optimizer_state, scheduler_state = ckpt.load_main_files(path)
-    if run.accelerator.is_fsdp2:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_optimizer_state_dict(run.model, run.optimizer.optimizer, optimizer_state, options=options)
+    """Optimizer, scheduler, step counters, this rank's RNG and data position; the weights too for a
+    sharded checkpoint (a full one was loaded with the model)."""
+    if distributed.has_sharded_state(path):
+        distributed.load_sharded(run.model, run.optimizer, path)
     else:
-        run.optimizer.load_state_dict(optimizer_state)
-    run.scheduler.load_state_dict(scheduler_state)
-    run.state = ckpt.read_trainer_state(path)
-    run.stream.load_state_dict(ckpt.load_rank_files(path, run.accelerator.process_index))
+        distributed.load_full_optimizer(run.model, run.optimizer, ckpt.load_optimizer(path))
+    run.scheduler.load_state_dict(ckpt.load_scheduler(path))
+    saved = ckpt.read_trainer_state(path)
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    if saved.world_size == world:
+        run.stream.load_state_dict(ckpt.load_rank_files(path, rank))
+    else:  # check_resume_layout made sure the shards regroup evenly
+        run.stream.load_state_dict(
+            regroup_stream_states(ckpt.load_all_rank_files(path, saved.world_size), rank, world)
+        )
+    run.state = ckpt.TrainerState(step=saved.step, tokens_seen=saved.tokens_seen, world_size=world)
     run.stage = run.stream.current_stage
     run.last_checkpoint = path
 
@@ -384,17 +386,21 @@ def save(run: Run) -> Path:
     tmp = ckpt.temp_dir_for(root, step)
     main = acc.is_main_process
     # Collectives first (gathers under FSDP), then disk I/O whose failures all ranks agree on.
-    model_state = acc.get_state_dict(run.model)
-    optimizer_state = optimizer_state_dict(run)
+    sharded = distributed.is_sharded(run.model)
+    model_state = distributed.full_model_state(run.model) if sharded else acc.get_state_dict(run.model)
+    optimizer_state = None if sharded else run.optimizer.state_dict()  # sharded: written to dcp/
 
     def write_parts() -> None:
         ckpt.write_rank_files(tmp, acc.process_index, run.stream.state_dict())
         if main:
             config_yaml = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
-            ckpt.write_main_files(tmp, run.unwrapped, model_state, run.tokenizer, optimizer_state,
+            to_save = distributed.model_for_saving(run.unwrapped)
+            ckpt.write_main_files(tmp, to_save, model_state, run.tokenizer, optimizer_state,
                                   run.scheduler.state_dict(), config_yaml)  # fmt: skip
 
     error = agreed_error(run, lambda: ckpt.prepare_temp_dir(root, step) if main else None)
+    if sharded:
+        error = error or agreed_error(run, lambda: distributed.save_sharded(run.model, run.optimizer, tmp))
     error = error or agreed_error(run, write_parts)
     error = error or agreed_error(
         run, lambda: ckpt.publish(tmp, run.state, run.cfg.checkpoint.keep_last) if main else None
@@ -409,15 +415,6 @@ def save(run: Run) -> Path:
         ) from error
     run.last_checkpoint = root / ckpt.step_dir_name(step)
     return run.last_checkpoint
-
-
-def optimizer_state_dict(run: Run) -> dict[str, Any]:
-    if run.accelerator.is_fsdp2:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(run.model, run.optimizer.optimizer, options=options)
-    return run.optimizer.state_dict()
 
 
 # ------------------------------------------------------------------------------------------------
