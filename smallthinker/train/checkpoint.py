@@ -76,7 +76,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
             # A checkpoint damaged after it was published (disk fault, partial copy): an older one still works.
             print(f"skipping the incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
         raise CheckpointError(
-            f"resume latest: no intact checkpoint in {checkpoint_root(run_dir)}; "
+            f"resume latest: no complete checkpoint in {checkpoint_root(run_dir)} (damaged ones are skipped); "
             "start without resume or point --resume at a checkpoint directory"
         )
     path = Path(resume)
