@@ -121,7 +121,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 def train_examples(task: str) -> str:
     if task == "pretrain":
         return """examples:
-  smallthinker pretrain                                   # recipe pretrain_tiny: offline, about 1 min on 2 cores
+  smallthinker pretrain                                   # recipe pretrain_tiny: offline, about 2 min on 2 cores
   smallthinker pretrain --max_steps=100 --optim.lr=1e-3   # any config field: --section.field=value
   smallthinker pretrain --resume latest                   # continue after Ctrl-C
   accelerate launch --config_file configs/accelerate/ddp.yaml -m smallthinker pretrain --config pretrain_4b
@@ -129,7 +129,7 @@ def train_examples(task: str) -> str:
 Ctrl-C (SIGINT) or SIGTERM finishes the step, writes a checkpoint and prints the command that resumes."""
     return """examples:
   smallthinker sft                                         # recipe sft_tiny, from runs/pretrain_tiny
-  smallthinker sft --model.init_from=runs/pretrain_tiny/checkpoints/step_00000300 --max_steps=50
+  smallthinker sft --model.init_from=runs/pretrain_tiny/checkpoints/step_00000900 --max_steps=50
   smallthinker sft --config sft_4b --model.init_from=PowerInfer/SmallThinker-4BA0.6B-Instruct"""
 
 
@@ -603,7 +603,7 @@ COMMANDS: tuple[Command, ...] = (
         "interpolate checkpoints of one architecture",
         "Weighted linear interpolation of N checkpoints, streamed tensor by tensor and written atomically.",
         """example:
-  smallthinker merge --inputs runs/sft_tiny/checkpoints/step_00000100 runs/sft_tiny/checkpoints/step_00000200 \\
+  smallthinker merge --inputs runs/sft_tiny/checkpoints/step_00000050 runs/sft_tiny/checkpoints/step_00000100 \\
       --weights 0.5 0.5 --out runs/merged""",
         add_merge_arguments,
         run_merge,
