@@ -263,6 +263,10 @@ def run_training(args: argparse.Namespace, task: str) -> int:
         name = signal.Signals(result.stopped_by).name
         say(f"stopped by {name} after step {result.step}; checkpoint {result.last_checkpoint}")
         say(f"resume with:\n  {resume_command(args)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            say(
+                "  (started by a launcher: run it the same way, e.g. accelerate launch ... -m smallthinker ...)"
+            )
         return 128 + result.stopped_by
     plots = render_plots(Path(cfg.run_dir)) if _is_main_process() else None
     if _is_main_process():
