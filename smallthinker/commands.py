@@ -121,7 +121,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 def train_examples(task: str) -> str:
     if task == "pretrain":
         return """examples:
-  smallthinker pretrain                                   # recipe pretrain_tiny: offline, about 2 min on 2 cores
+  smallthinker pretrain                                   # recipe pretrain_tiny: offline, about 80 s on 2 cores
   smallthinker pretrain --max_steps=100 --optim.lr=1e-3   # any config field: --section.field=value
   smallthinker pretrain --resume latest                   # continue after Ctrl-C
   accelerate launch --config_file configs/accelerate/ddp.yaml -m smallthinker pretrain --config pretrain_4b
@@ -617,7 +617,7 @@ COMMANDS: tuple[Command, ...] = (
         "chat with a checkpoint (or an expert store under a memory cap)",
         "Interactive chat (/reset, /exit) or one answer with --prompt; replies stream, then tokens/s.",
         """examples:
-  smallthinker chat --model runs/quickstart/merged --prompt "What is the climate of the country Ruwoni?" --temperature 0
+  smallthinker chat --model runs/quickstart/merged --prompt "What is the capital of the country Vugais?" --temperature 0
   smallthinker chat --model runs/quickstart/merged          # interactive
   smallthinker chat --model runs/quickstart/expert_store --offload --memory-budget 3MB --max-context 512 \\
       --overhead 512KiB""",
