@@ -30,12 +30,10 @@ USAGE_ERROR = 2
 DEBUG_ENV = "SMALLTHINKER_DEBUG"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's own usage errors also exit with status 2, in one line after the usage."""
-
-
 def build_parser(prog: str = "smallthinker") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for spec in commands.COMMANDS:
@@ -46,7 +44,13 @@ def build_parser(prog: str = "smallthinker") -> argparse.ArgumentParser:
             epilog=spec.examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        child.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
+        # SUPPRESS: an unset subcommand flag must not reset `smallthinker --debug COMMAND` to False.
+        child.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help=f"show tracebacks (also: {DEBUG_ENV}=1)",
+        )
         spec.add_arguments(child)
         child.set_defaults(run=spec.run, spec=spec)
     return parser
