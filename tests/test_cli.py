@@ -218,6 +218,10 @@ def test_debug_shows_the_traceback(tmp_path):
     )
     loud = subprocess.run([*cmd, "--debug"], env=ENV, capture_output=True, text=True, timeout=120)
     assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    before = subprocess.run(
+        [*cmd[:3], "--debug", *cmd[3:]], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert before.returncode == 1 and "Traceback (most recent call last)" in before.stderr
     by_env = subprocess.run(
         cmd, env={**ENV, "SMALLTHINKER_DEBUG": "1"}, capture_output=True, text=True, timeout=120
     )
