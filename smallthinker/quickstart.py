@@ -498,6 +498,12 @@ def summary_table(report: Report) -> str:
         ],
         ("held-out exact match", f"{_pct(n['heldout_em_base'])} -> {_pct(n['heldout_em_sft'])}"),
         (
+            "held-out, over training",
+            ", ".join(
+                f"{p['stage']} {p['step']}: {100 * p['exact_match']:.0f} %" for p in n["heldout_curve"]
+            ),
+        ),
+        (
             "offloaded = resident",
             str(all(r["identical_to_resident"] for r in n["offload"]["runs"])),
         ),
