@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from smallthinker.integrity import normalise_file_modes
 from smallthinker.modeling.configuration_smallthinker import EXTENSION_KEYS
 
 SINGLE_FILE = SAFE_WEIGHTS_NAME
@@ -205,6 +206,7 @@ def merge_checkpoints(
             del shard
             readers.close_all()
         bar.close()
+        normalise_file_modes(tmp)  # safetensors writes 0600 files; the copied side files follow the umask
         _copy_side_files(checkpoints[0], tmp)
         if (checkpoints[0] / INDEX_FILE).is_file():
             index = json.loads((checkpoints[0] / INDEX_FILE).read_text())

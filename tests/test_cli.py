@@ -175,6 +175,11 @@ def test_store_errors_budget_and_overwrite(checkpoint, tmp_path, capsys):
     )
     assert (store / "manifest.json").stat().st_mtime_ns != before
     assert not list(tmp_path.glob(".store.*"))  # temporary folders are gone
+    assert len({f.stat().st_mode & 0o777 for f in store.iterdir()}) == 1  # weights have the other files' mode
+    merged = tmp_path / "merged"
+    assert main(["merge", "--inputs", str(checkpoint), str(checkpoint), "--weights", "0.5", "0.5",
+                 "--out", str(merged)]) == 0  # fmt: skip
+    assert len({f.stat().st_mode & 0o777 for f in merged.iterdir()}) == 1
     capsys.readouterr()
 
     chat = ["chat", "--model", str(store), "--offload", "--prompt", "hi", "--max-new-tokens", "2"]

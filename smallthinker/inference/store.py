@@ -40,6 +40,7 @@ from smallthinker.inference.formats import (
 )
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer
 from smallthinker.inference.quant import quantize_int8_rows
+from smallthinker.integrity import normalise_file_modes
 from smallthinker.modeling.modeling_smallthinker import (
     EXPERT_PROJECTIONS,
     expert_tensor_name,
@@ -215,6 +216,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, quant: st
         os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # don't leave 8 GB in the page cache
 
     _write_resident(reader, config, dst / RESIDENT_FILE)
+    normalise_file_modes(dst)  # safetensors writes 0600 files; the store's other files follow the umask
     manifest = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
