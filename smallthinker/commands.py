@@ -99,8 +99,14 @@ def check_data_sources(cfg: Any) -> None:
                 raise UsageError(f"data source {raw} does not exist; fix --data.sources or the recipe")
             continue
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES]
-        if not any(f.stat().st_size > 0 for f in files):
+        if not any(has_content(f) for f in files):
             raise UsageError(f"data source {raw} is empty; give a file with at least one document")
+
+
+def has_content(path: Path, probe: int = 1 << 20) -> bool:
+    """Whether a data file holds more than whitespace (blank lines make no documents)."""
+    with path.open("rb") as f:
+        return bool(f.read(probe).strip())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_bad_override_and_missing_or_empty_data(tmp_path, capsys, monkeypatch):
     assert error_of(["pretrain", no_synthetic, "--data.sources=[{path: nothere.jsonl}]"], capsys) == (
         "smallthinker pretrain: error: data source nothere.jsonl does not exist; fix --data.sources or the recipe"
     )
-    (tmp_path / "empty.jsonl").touch()
+    (tmp_path / "empty.jsonl").write_text("\n\n")  # blank lines only: no document
     assert error_of(["pretrain", no_synthetic, "--data.sources=[{path: empty.jsonl}]"], capsys) == (
         "smallthinker pretrain: error: data source empty.jsonl is empty; give a file with at least one document"
     )
