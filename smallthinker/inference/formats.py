@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smallthinker.inference import attention
 from smallthinker.inference.quant import quantize_int8_rows
 from smallthinker.modeling.modeling_smallthinker import SmallThinkerExperts, SmallThinkerForCausalLM
 
@@ -97,7 +98,9 @@ def int4_linear(
     x_TK: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """`x @ dequant(w).T` on kernel-packed int4 weights -> [T, N] in x's dtype."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_TK, packed, group_size, scales_zeros.to(x_TK.dtype))
+    if scales_zeros.dtype != x_TK.dtype:
+        scales_zeros = scales_zeros.to(x_TK.dtype)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_TK, packed, group_size, scales_zeros)
 
 
 def _pack_nibbles(codes_NK: torch.Tensor) -> torch.Tensor:
@@ -148,8 +151,15 @@ class QuantizedMatrix(nn.Module):
                 self.register_buffer("scales_zeros", scales_zeros.to(compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == self.compute_dtype:
+            return self.matmul(x)
         shape = x.shape
-        x_TK = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def matmul(self, x_TK: torch.Tensor) -> torch.Tensor:
+        """[T, K] in the compute dtype -> [T, N]: the kernel call alone (decode calls it directly: a module call
+        costs microseconds a step adds up hundreds of times)."""
         if self.fmt == "bf16":
             if self.kernel:
                 y = torch.ops.mkldnn._linear_pointwise(x_TK.contiguous(), self.weight, None, "none", [], "")
@@ -163,7 +173,7 @@ class QuantizedMatrix(nn.Module):
             y = torch._weight_int8pack_mm(x_TK, self.qweight, self.scale)
         else:
             y = int4_linear(x_TK, self.qweight, self.scales_zeros, self.group_size)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 [N, K] matrix this weight stands for (the kernels' reference)."""
@@ -232,10 +242,12 @@ class QuantizedExperts(nn.Module):
         """Decode: the token's k experts in ascending order, summed in the activation dtype (the eager order),
         without the gathers and scatters a batch needs."""
         out_1H = torch.zeros_like(x_1H)
+        x_1H = x_1H.to(self.gate_up[0].compute_dtype)
+        weights_K = weights_K.to(x_1H.dtype)
         experts = index_K.tolist()
         for k in sorted(range(len(experts)), key=experts.__getitem__):
-            gate, up = self.gate_up[experts[k]](x_1H).chunk(2, dim=-1)
-            y = self.down[experts[k]](F.relu(gate) * up) * weights_K[k].to(x_1H.dtype)
+            gate, up = self.gate_up[experts[k]].matmul(x_1H).chunk(2, dim=-1)
+            y = self.down[experts[k]].matmul(F.relu(gate) * up) * weights_K[k]
             out_1H += y.to(out_1H.dtype)
         return out_1H
 
@@ -271,6 +283,7 @@ def quantize_model(
             moe.experts = QuantizedExperts(moe.experts, fmt, group_size, compute_dtype)
     model.lm_head = QuantizedMatrix(model.lm_head.weight.detach(), fmt, group_size, compute_dtype)
     model.to(compute_dtype)
+    model.set_attn_implementation(attention.NAME)  # decode without the flash-attention setup per layer
     model.weight_format = fmt
     return model
 

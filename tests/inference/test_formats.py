@@ -112,24 +112,24 @@ def test_what_is_converted_and_what_is_not():
 
 
 def test_decode_touches_only_the_routed_experts(monkeypatch):
-    """One token, top-k experts per layer: exactly 2 * k matrix products per layer, none for other experts."""
+    """One token, top-k experts per layer: exactly 2 * k expert matrix products per layer, none for the others."""
     model = quantize_model(tiny_model(), "int8")
+    expert_matrices = {
+        id(m) for layer in model.model.layers for m in layer.block_sparse_moe.experts.modules()
+        if isinstance(m, QuantizedMatrix)
+    }  # fmt: skip
     calls = []
-    original = QuantizedMatrix.forward
+    original = QuantizedMatrix.matmul
 
     def counting(self, x):
-        calls.append(self)
+        calls.append(id(self) in expert_matrices)
         return original(self, x)
 
-    monkeypatch.setattr(QuantizedMatrix, "forward", counting)
+    monkeypatch.setattr(QuantizedMatrix, "matmul", counting)
     with torch.no_grad():
         model(torch.tensor([[5]]))
     config = model.config
-    experts = [m for m in calls if m.in_features in (config.hidden_size, config.moe_ffn_hidden_size)
-               and m.out_features in (2 * config.moe_ffn_hidden_size, config.hidden_size)
-               and any(m is e for layer in model.model.layers
-                       for e in (*layer.block_sparse_moe.experts.gate_up, *layer.block_sparse_moe.experts.down))]  # fmt: skip
-    assert len(experts) == 2 * config.moe_num_active_primary_experts * config.num_hidden_layers
+    assert sum(calls) == 2 * config.moe_num_active_primary_experts * config.num_hidden_layers
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -188,3 +188,21 @@ def test_quality_report_per_format(tmp_path):
     assert rows[0]["max_abs_logit_err"] == 0 and rows[0]["top1_agreement"] == 1
     assert rows[1]["rel_logit_err"] < rows[2]["rel_logit_err"] < 0.25  # int8 closer than int4
     assert "| int4 |" in format_quality_table(rows)
+
+
+def test_decode_attention_matches_sdpa_past_the_window():
+    """The one-token attention of quantised models against sdpa, past the 8-token sliding window of the
+    21B-style layout, with a padded batch (an explicit attention mask)."""
+    from smallthinker.inference.attention import NAME
+
+    reference = tiny_model("tiny-21b-style").to(torch.bfloat16)
+    fast = tiny_model("tiny-21b-style").to(torch.bfloat16)
+    fast.set_attn_implementation(NAME)
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding in the first row
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = reference.generate(ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        got = fast.generate(ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-2, rtol=0)
