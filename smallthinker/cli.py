@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -91,11 +92,11 @@ def run_guarded(run: Callable[[], int | None], debug: bool, prog: str) -> int:
     """Run a subcommand; user errors become one `error:` line and status 2, Ctrl-C status 130."""
     try:
         return run() or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{prog}: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as err:
         if debug or not isinstance(err, user_error_types()):
             raise

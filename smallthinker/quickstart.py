@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -113,7 +114,18 @@ def _train(
         *extra,
     ]
     result = train(load_train_config(RECIPES_DIR / preset, overrides))
+    if result.stopped_by is not None:
+        # Ctrl-C / SIGTERM: the stage has checkpointed and stopped; the demo must not go on to the next stage.
+        raise StageStopped(result.stopped_by, result.last_checkpoint)
     return result.last_checkpoint
+
+
+class StageStopped(KeyboardInterrupt):
+    """A training stage of the demo stopped on a signal after writing its checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; the stage's checkpoint is {checkpoint}")
 
 
 def _losses(run_dir: Path) -> tuple[float, float]:

@@ -316,3 +316,23 @@ def test_resume_latest_skips_a_damaged_checkpoint(small_corpus, tmp_path, capsys
 
 def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def test_sigterm_stops_the_demo_after_its_stage_checkpoint(tmp_path):
+    """The demo does not go on to its next stage when a training stage is stopped: exit 143, the checkpoint
+    written, no later stage run."""
+    args = ["demo", "--reduced", "--pretrain-steps", "100000", "--out", "demo", "--data", "data"]
+    proc = subprocess.Popen([sys.executable, "-m", "smallthinker", *args], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = tmp_path / "demo" / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and len(_lines(metrics)) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    last_step = json.loads(_lines(metrics)[-1])["step"]
+    saved = tmp_path / "demo" / "pretrain" / "checkpoints" / f"step_{last_step:08d}"
+    assert err.rstrip().endswith(f"python -m smallthinker demo: interrupted: stopped by SIGTERM; the stage's "
+                                 f"checkpoint is {saved.relative_to(tmp_path)}")  # fmt: skip
+    assert "[quickstart] pre-training" not in out and not (tmp_path / "demo" / "sft").exists()
