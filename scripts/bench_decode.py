@@ -131,8 +131,10 @@ def decode_step_ms(model: SmallThinkerForCausalLM) -> float:
 @torch.no_grad()
 def layer_kernels_ms(model: SmallThinkerForCausalLM) -> float:
     """Median time of one layer's weight kernels alone, called back to back on one token: q, k, v, o, the router
-    and the k routed experts' two matrices."""
+    and two matrices of k experts drawn at random each time, as routing does (the same experts every time would
+    stay in the CPU caches and make the kernels look faster than they are in the model)."""
     config, layer = model.config, model.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
     attn, experts = layer.self_attn, layer.block_sparse_moe.experts
     router = layer.block_sparse_moe.primary_router
     x = torch.randn(1, config.hidden_size, dtype=torch.bfloat16)
@@ -148,7 +150,9 @@ def layer_kernels_ms(model: SmallThinkerForCausalLM) -> float:
             attn.o_proj.matmul(o_in),
             router(x),
         )
-        for e in range(config.moe_num_active_primary_experts):
+        for e in torch.randperm(config.moe_num_primary_experts, generator=gen)[
+            : config.moe_num_active_primary_experts
+        ]:
             experts.gate_up[e].matmul(x), experts.down[e].matmul(h)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[WARMUP:])
