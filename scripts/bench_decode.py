@@ -131,24 +131,24 @@ def decode_step_ms(model: SmallThinkerForCausalLM) -> float:
 @torch.no_grad()
 def layer_kernels_ms(model: SmallThinkerForCausalLM) -> float:
     """Median time of one layer's weight kernels alone, called back to back on one token: q, k, v, o, the router
-    and the k routed experts' two matrices."""
+    and two matrices of k experts drawn at random each time, as routing does (the same experts every time would
+    stay in the CPU caches and make the kernels look faster than they are in the model)."""
     config, layer = model.config, model.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
     attn, experts = layer.self_attn, layer.block_sparse_moe.experts
     router = layer.block_sparse_moe.primary_router
     x = torch.randn(1, config.hidden_size, dtype=torch.bfloat16)
     h = torch.randn(1, config.moe_ffn_hidden_size, dtype=torch.bfloat16)
     o_in = torch.randn(1, config.num_attention_heads * config.head_dim, dtype=torch.bfloat16)
+    k, n = config.moe_num_active_primary_experts, config.moe_num_primary_experts
+    draws = [torch.randperm(n, generator=gen)[:k].tolist() for _ in range(WARMUP + DECODE_TOKENS)]
     times = []
-    for _ in range(WARMUP + DECODE_TOKENS):
+    for picked in draws:
         start = time.perf_counter()
-        (
-            attn.q_proj.matmul(x),
-            attn.k_proj.matmul(x),
-            attn.v_proj.matmul(x),
-            attn.o_proj.matmul(o_in),
-            router(x),
-        )
-        for e in range(config.moe_num_active_primary_experts):
+        for proj, inp in ((attn.q_proj, x), (attn.k_proj, x), (attn.v_proj, x), (attn.o_proj, o_in)):
+            proj.matmul(inp)
+        router(x)
+        for e in picked:
             experts.gate_up[e].matmul(x), experts.down[e].matmul(h)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[WARMUP:])
