@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, TextStreamer
 
 from smallthinker.inference import load_offloaded
+from smallthinker.inference.formats import quantize_model
 from smallthinker.inference.store import MANIFEST
 from smallthinker.modeling import SmallThinkerForCausalLM
 from smallthinker.tokenizer import CHATML_TEMPLATE
@@ -222,8 +223,10 @@ def load_chat_model(
     dtype: str | None = None,
     max_context: int = 4096,
     overhead: str = "128MiB",
+    weight_format: str | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a checkpoint directory, or from an expert store with `offload=True`."""
+    """(model, tokenizer) from a checkpoint directory, or from an expert store with `offload=True`;
+    `weight_format` ("bf16", "int8", "int4") converts experts, attention and LM head (`formats.quantize_model`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a checkpoint directory.")
@@ -235,17 +238,27 @@ def load_chat_model(
         warnings.warn(f"{path} has no chat template; using ChatML.", stacklevel=2)
         tokenizer.chat_template = CHATML_TEMPLATE
     if offload:
-        return _load_offloaded(path, memory_budget, max_context, overhead), tokenizer
+        return _load_offloaded(path, memory_budget, max_context, overhead, weight_format), tokenizer
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
     # Our class, not the Auto one: it also reads the published 21B config.json, which has no model_type.
     model = SmallThinkerForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if weight_format is not None:
+        model = quantize_model(model, weight_format)
     return model.eval(), tokenizer
 
 
-def _load_offloaded(path: Path, memory_budget: str, max_context: int, overhead: str) -> Any:
+def _load_offloaded(
+    path: Path, memory_budget: str, max_context: int, overhead: str, weight_format: str | None = None
+) -> Any:
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
             f"{path} is not an expert store (no {MANIFEST}): convert the checkpoint first with "
             f"smallthinker convert-store --src CHECKPOINT --dst {path}"
         )
-    return load_offloaded(path, memory_budget=memory_budget, max_context=max_context, overhead=overhead)
+    return load_offloaded(
+        path,
+        memory_budget=memory_budget,
+        max_context=max_context,
+        overhead=overhead,
+        weight_format=weight_format,
+    )

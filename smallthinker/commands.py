@@ -326,6 +326,13 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: the checkpoint's"
     )
+    parser.add_argument(
+        "--weight-format",
+        choices=["bf16", "int8", "int4"],
+        default=None,
+        help="experts, attention and LM head in this format, computed in bf16 (with --offload: the store's "
+        "expert format); default: the weights as stored",
+    )
     offload = parser.add_argument_group("offloading (experts on disk, --model is an expert store)")
     offload.add_argument("--offload", action="store_true", help="run from an expert store under a memory cap")
     offload.add_argument("--memory-budget", default="1GB", help="memory cap, e.g. 1GB, 300MB (default 1GB)")
@@ -376,6 +383,7 @@ def run_chat(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_context=args.max_context,
         overhead=args.overhead,
+        weight_format=args.weight_format,
     )
     session = ChatSession(model, tokenizer, system=args.system, sampling=sampling)
     if args.prompt is None:

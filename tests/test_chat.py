@@ -153,3 +153,17 @@ def test_a_one_token_reply_reports_no_decode_rate():
         "xy", prompt_tokens=5, new_tokens=3, seconds=1.0, first_token_seconds=0.5, token_ids=[7, 8, 9]
     )
     assert "decode 4.00 tok/s" in two.stats_line()
+
+
+def test_cli_weight_format_switch(saved):
+    """`--weight-format int4` chats with the quantised model: the reply is the resident int4 model's."""
+    from smallthinker.inference.formats import quantize_model
+
+    model, tok = load_chat_model(saved)
+    int4 = quantize_model(model, "int4")
+    expected = chat_once(int4, tok, QUESTION, SamplingConfig(max_new_tokens=8, temperature=1.0, seed=0)).text
+    cmd = [sys.executable, "-m", "smallthinker", "chat", "--model", str(saved), "--prompt", QUESTION[0]["content"],
+           "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "0", "--weight-format", "int4"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert expected.strip() and expected in run.stdout
