@@ -154,19 +154,23 @@ def layer_kernels_ms(model: SmallThinkerForCausalLM) -> float:
     return 1e3 * statistics.median(times[WARMUP:])
 
 
+OVERHEAD_DEPTHS = (1, 4)  # two depths far enough apart that the per-layer difference stands out of the noise
+
+
 def per_token_overhead(preset: str, fmt: str, threads: int) -> dict:
-    """What a decode step adds to its weight kernels, from one- and two-layer models with the preset's layer
-    shapes (tiny vocabulary): per layer = step(2) - step(1) - kernels, once per step = step(1) - per-layer step;
-    scaled to the preset's depth and compared with a full step in the table."""
+    """What a decode step adds to its weight kernels, from one- and four-layer models with the preset's layer
+    shapes (tiny vocabulary): per layer = (step(4) - step(1)) / 3 - kernels, once per step = step(1) - per-layer
+    step; scaled to the preset's depth and compared with a full step in the table."""
     torch.set_num_threads(threads)
     steps = {}
-    for layers in (1, 2):
+    for layers in OVERHEAD_DEPTHS:
         torch.manual_seed(0)
         config = load_model_config(preset, num_hidden_layers=layers, vocab_size=256)
         model = quantize_model(SmallThinkerForCausalLM(config).eval(), fmt)
         steps[layers] = decode_step_ms(model)
         kernels = layer_kernels_ms(model)
-    layer = steps[2] - steps[1]
+    low, high = OVERHEAD_DEPTHS
+    layer = (steps[high] - steps[low]) / (high - low)
     return {"format": fmt, "threads": threads, "layer_step_ms": layer, "layer_kernels_ms": kernels,
             "fixed_ms": steps[1] - layer}  # fmt: skip
 
@@ -294,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--no-baseline", action="store_true", help="skip the default-experts bf16 row")
     parser.add_argument(
+        "--overhead-only",
+        default=None,
+        help="a --json of an earlier run: measure only the overhead against it",
+    )
+    parser.add_argument(
         "--quality", default=None, help="a trained checkpoint: quality of each format, then exit"
     )
     parser.add_argument("--quality-text", default="data/generated/synthetic/corpus/validation.jsonl")
@@ -304,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         tokens = sum(s.shape[1] for s in sequences)
         print(f"{args.quality}: {len(sequences)} documents, {tokens} tokens of {args.quality_text}\n")
         print(format_quality_table(compare_formats(args.quality, sequences)))
+        return
+    if args.overhead_only:
+        rows = json.loads(Path(args.overhead_only).read_text())
+        threads = sorted({r["threads"] for r in rows})
+        overheads = [per_token_overhead(args.preset, f, t) for t in threads for f in args.formats.split(",")]
+        print(overhead_table(overheads, rows, load_model_config(args.preset).num_hidden_layers))
         return
     workdir = Path(args.workdir)
     ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
