@@ -107,6 +107,7 @@ class Run:
     seq_lens: dict[str, int]
     last_checkpoint: Path | None = None
     counts_LE: torch.Tensor | None = None
+    stop: StopOnSignal | None = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -312,7 +313,10 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
     # One all-reduce for every reported statistic; router losses are averaged over ranks, the CE shares summed.
     sums[1:] = sums[1:] / world
-    stats = reduce_sum(run, sums)
+    # This rank's stop request (SIGINT / SIGTERM) rides along, so all ranks agree without a collective of its own.
+    stopping = run.stop is not None and run.stop.signum is not None
+    stats = reduce_sum(run, torch.cat([sums, sums.new_tensor([float(stopping)])]))
+    stop_requested, stats = bool(stats[-1] > 0), stats[:-1]
     num_layers = terms.balance_L.shape[0]
     loss, aux_loss, z_loss = stats[:3].tolist()
     layer_aux, layer_z = stats[3 : 3 + num_layers], stats[3 + num_layers :]
@@ -334,7 +338,8 @@ def train_step(run: Run, micro: list[tuple[str, dict[str, torch.Tensor]]]) -> di
     if every and (run.state.step + 1) % every == 0:
         layer_losses = {"layer_aux_loss": layer_aux.tolist(), "layer_z_loss": layer_z.tolist()}
     return {"loss": loss, "aux_loss": aux_loss, "z_loss": z_loss, "grad_norm": float(grad_norm), "lr": lr,
-            "tokens": tokens, "target_tokens": int(global_items), "layer_losses": layer_losses}  # fmt: skip
+            "tokens": tokens, "target_tokens": int(global_items), "layer_losses": layer_losses,
+            "stop_requested": stop_requested}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,45 +439,39 @@ def train(cfg: TrainConfig, prepare_data: Callable[[TrainConfig], None] | None =
     history: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not (log.progress_bar and acc.is_main_process),
                desc=cfg.task, dynamic_ncols=True)  # fmt: skip
-    start_step, stop = run.state.step, StopOnSignal()
-    try:
-        stop.__enter__()
-        while run.state.step < cfg.max_steps:
-            started = time.perf_counter()
-            micro = next_micro_batches(run)
-            if micro is None:
-                acc.print(f"step {run.state.step}: the data stages are used up; stopping")
-                break
-            stats = train_step(run, micro)
-            run.state.step += 1
-            run.state.tokens_seen += stats["tokens"]
-            record = step_record(run, stats, time.perf_counter() - started)
-            record.update(stats["layer_losses"])
-            record.update(moe_record(run, micro[0][1]))
-            if run.state.step % log.every == 0 or run.state.step == cfg.max_steps:
-                run.logger.log(record)
-                history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
-            if cfg.checkpoint.every and run.state.step % cfg.checkpoint.every == 0:
-                save(run)
-            if stop_agreed(run, stop):
-                break
-        if run.last_checkpoint != ckpt.checkpoint_root(cfg.run_dir) / ckpt.step_dir_name(run.state.step):
-            save(run)  # the final state, unless the last periodic save (or the resume point) is it
-    finally:
-        stop.__exit__(None, None, None)
-        bar.close()
-        run.logger.close()
+    start_step = run.state.step
+    with StopOnSignal() as stop:
+        run.stop = stop
+        try:
+            while run.state.step < cfg.max_steps:
+                started = time.perf_counter()
+                micro = next_micro_batches(run)
+                if micro is None:
+                    acc.print(f"step {run.state.step}: the data stages are used up; stopping")
+                    break
+                stats = train_step(run, micro)
+                run.state.step += 1
+                run.state.tokens_seen += stats["tokens"]
+                record = step_record(run, stats, time.perf_counter() - started)
+                record.update(stats["layer_losses"])
+                record.update(moe_record(run, micro[0][1]))
+                if run.state.step % log.every == 0 or run.state.step == cfg.max_steps:
+                    run.logger.log(record)
+                    history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+                if cfg.checkpoint.every and run.state.step % cfg.checkpoint.every == 0:
+                    save(run)
+                if stats["stop_requested"]:
+                    if stop.signum is None:
+                        stop.signum = signal.SIGTERM  # another rank's scheduler stopped the job
+                    break
+            if run.last_checkpoint != ckpt.checkpoint_root(cfg.run_dir) / ckpt.step_dir_name(run.state.step):
+                save(run)  # the final state, unless the last periodic save (or the resume point) is it
+        finally:
+            run.stop = None
+            bar.close()
+            run.logger.close()
     return TrainResult(run.state.step, run.state.tokens_seen, run.last_checkpoint, history, start_step,
                        stop.signum)  # fmt: skip
-
-
-def stop_agreed(run: Run, stop: StopOnSignal) -> bool:
-    """Whether any rank got a stop signal: all ranks then leave the loop after the same step."""
-    flag = torch.tensor(float(stop.signum is not None), device=run.accelerator.device)
-    requested = reduce_sum(run, flag).item() > 0
-    if requested and stop.signum is None:
-        stop.signum = signal.SIGTERM  # another rank's scheduler stopped the job
-    return requested
