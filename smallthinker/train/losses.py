@@ -154,8 +154,13 @@ class TrainingLosses:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         # logits_to_keep=1: only the routing is wanted, not the LM head over every position.
         out = model(**inputs, output_router_logits=True, use_cache=False, logits_to_keep=1)
-        counts_LE = expert_counts(out.router_logits, self.top_k, mask)
-        tokens = token_mask(mask, out.router_logits[0].shape[0], counts_LE.device).sum().reshape(1)
+        return self._load(out.router_logits, mask)
+
+    def _load(
+        self, router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        counts_LE = expert_counts(router_logits, self.top_k, mask)
+        tokens = token_mask(mask, router_logits[0].shape[0], counts_LE.device).sum().reshape(1)
         return counts_LE, tokens
 
     def span_load(
@@ -182,18 +187,16 @@ class TrainingLosses:
         and tails count in neither f nor P nor the z-loss nor the expert counts).
         """
         router_logits = outputs.router_logits
-        counts_LE = expert_counts(router_logits, self.top_k, mask)
+        counts_LE, tokens = self._load(router_logits, mask)
         args = (router_logits, self.num_experts, self.top_k, self.apply_softmax, mask)
         if not self.spans_micro_batches:
             balance_L = load_balancing_loss(*args, per_layer=True)
         elif step_load is not None:
             balance_L = load_balancing_loss(*args, expert_load=step_load, per_layer=True)
         else:  # one micro-batch per rank: the span's counts are this batch's, reduced over the scope's ranks
-            tokens = token_mask(mask, router_logits[0].shape[0], counts_LE.device).sum().reshape(1)
-            load = (counts_LE, tokens)
-            if self.count_reducer is not None:
-                load = (self.count_reducer(counts_LE), self.count_reducer(tokens))
-            balance_L = load_balancing_loss(*args, expert_load=load, per_layer=True)
+            balance_L = load_balancing_loss(
+                *args, expert_load=self.span_load([(counts_LE, tokens)]), per_layer=True
+            )
         z_L = router_z_loss(router_logits, mask, per_layer=True)
         return MicroBatchLosses(
             ce, balance_L.mean(), z_L.mean(), balance_L, z_L, counts_LE, num_micro, self.balance_scale()
