@@ -240,11 +240,13 @@ def _plot_heldout_curve(curve: list[dict[str, Any]], pretrain_steps: int, path: 
         offset = 0 if stage == "pre-training" else pretrain_steps
         xs = [offset + p["step"] for p in points]
         ys = [100 * p["exact_match"] for p in points]
-        merged = stage == "SFT + merged"  # at the last SFT step: drawn as a diamond, labelled below the point
-        ax.plot(xs, ys, marker="D" if merged else "o", color=color, label=stage,
+        # At the last SFT step: a hollow diamond around that step's point, labelled below it.
+        merged = stage == "SFT + merged"
+        ax.plot(xs, ys, marker="D" if merged else "o", color=color, label=stage, markersize=11 if merged else 6,
+                markerfacecolor="none" if merged else color, markeredgewidth=2 if merged else 1,
                 linestyle="-" if stage == "pre-training" else "none")  # fmt: skip
         for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.0f} %", (x, y), textcoords="offset points", xytext=(0, -14 if merged else 6),
+            ax.annotate(f"{y:.0f} %", (x, y), textcoords="offset points", xytext=(0, -19 if merged else 6),
                         ha="center", fontsize="small", color=color if merged else "black")  # fmt: skip
     ax.axvline(pretrain_steps, color="grey", linestyle=":", linewidth=1)
     ax.set_ylim(0, 105)
