@@ -279,7 +279,7 @@ def load_offloaded(
 
     ``max_context`` sizes the KV-cache reservation; ``overhead`` is reserved for activations and logits.
     ``sparse_threshold`` (live-neuron fraction) is measured on this machine when not given; ``sparse=False``
-    always computes experts densely (int4 records always are). ``verify`` checks each expert's crc32 the first
+    always computes experts densely. ``verify`` checks each expert's crc32 the first
     time it is read. ``weight_format`` ("bf16", "int8", "int4": the store's expert format) also converts the
     attention projections and the LM head, so the model equals the resident ``formats.quantize_model(model, fmt)``;
     None leaves them as stored.
@@ -294,7 +294,7 @@ def load_offloaded(
     with torch.device("meta"):
         model = SmallThinkerForCausalLM(config)
     cache = ExpertCache(store, plan.num_slots, policy=policy, io_threads=io_threads, verify=verify)
-    if not sparse or store.quant == "int4":
+    if not sparse:
         threshold = 0.0
     elif sparse_threshold is None:
         threshold = calibrate_sparse_threshold(cache._views[0])

@@ -1,15 +1,21 @@
 """Weight formats for inference: bf16, int8 and int4 weight-only, for the experts, the attention projections and
 the LM head. Routers, norms and the embedding table keep their precision.
 
-- int8: symmetric, one scale per output channel (`quant.quantize_int8_rows`), multiplied by
-  `torch._weight_int8pack_mm` without a dequantised copy of the weight.
+- int8: symmetric, one scale per output channel (`quant.quantize_int8_rows`).
 - int4: asymmetric, a scale and a zero per group of `group_size` input channels (what llama.cpp's Q4_1 keeps;
-  Q4_0 keeps a scale only), multiplied by `torch.ops.aten._weight_int4pack_mm_for_cpu`. That kernel wants the
-  codes packed by `_convert_weight_to_int4pack_for_cpu`, whose byte layout depends on the matrix shape and the
-  build, so it is made in memory from the codes and never written to disk.
-- The portable path dequantises in plain PyTorch: correct on every machine and dtype, slow. It is used where a
-  kernel cannot take a matrix (int4 needs N % 16 == 0 and K % group_size == 0) or when
-  `SMALLTHINKER_PORTABLE_KERNELS=1`, and the tests hold the kernels to it.
+  Q4_0 keeps a scale only), two codes a byte (`pack_nibbles`), scales and zeros per row ([N, K / 32, 2]).
+
+Kernels, chosen by measurement (scripts.bench_kernels, BENCHMARKS.md):
+- decode (up to a couple of tokens): the native matrix-vector kernels (`native`, compiled here): bf16 widened in
+  registers or as native bf16 pairs; int8 / int4 weights against activations quantised to int8 per block of 32,
+  as llama.cpp does (`quantize_activations_q8` is their reference);
+- prefill: GEMMs: `F.linear` on the bf16 weight (fp32 on CPUs without native bf16, from `FP32_PREFILL_MIN_ROWS`
+  rows), `torch._weight_int8pack_mm` for int8, and the native int4 kernel 16 tokens at a time (as fast as
+  `_weight_int4pack_mm_for_cpu` there, without a second packed copy);
+- without the native kernels: oneDNN's prepacked bf16 weight where the CPU has native bf16, `_weight_int8pack_mm`,
+  and `_weight_int4pack_mm_for_cpu` on its own packing, made in memory from the codes;
+- the portable path dequantises in plain PyTorch: correct on every machine and dtype, slow. It is used where no
+  kernel takes a matrix or when `SMALLTHINKER_PORTABLE_KERNELS=1`, and the tests hold the kernels to it.
 
 `quantize_model(model, "int8")` converts a loaded model in place; `QuantizedExperts` keeps the experts' forward
 signature and computes only the experts a token was routed to (no work for the others, one GEMM per projection of
@@ -19,13 +25,12 @@ each routed expert for a prefill).
 from __future__ import annotations
 
 import os
-import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smallthinker.inference import attention
+from smallthinker.inference import attention, native
 from smallthinker.inference.quant import quantize_int8_rows
 from smallthinker.modeling.modeling_smallthinker import SmallThinkerExperts, SmallThinkerForCausalLM
 
@@ -37,6 +42,10 @@ FORMATS = ("bf16", "int8", "int4")
 FP32_PREFILL_MIN_ROWS = 4
 DEFAULT_GROUP_SIZE = 32  # llama.cpp's Q4 block size
 INT4_LEVELS = 15
+ACT_BLOCK = 32  # the native int8 / int4 kernels quantise activations per block of this many channels
+# Rows up to which the native bf16 / int8 matrix-vector kernels beat the GEMMs (1536x1536, AVX-512: 1 row 0.08 vs
+# 0.19 ms (oneDNN bf16) and 0.08 vs 0.14 ms (int8); 4 rows 0.24 vs 0.16 and 0.32 vs 0.27 ms).
+NATIVE_DECODE_ROWS = 2
 
 
 def portable_kernels() -> bool:
@@ -85,38 +94,75 @@ def pack_int4_for_kernel(codes_NK: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_NK.to(torch.int32), 1)
 
 
-def int4_layout_signature(out_features: int, in_features: int) -> int:
-    """crc32 of the kernel's packing of a fixed probe matrix: equal signatures mean packed bytes written elsewhere
-    (an expert store converted on another machine or torch build) mean the same codes here."""
-    probe = (torch.arange(out_features * in_features, dtype=torch.int32) * 7 % 16).reshape(
-        out_features, in_features
-    )
-    return zlib.crc32(pack_int4_for_kernel(probe).numpy().tobytes())
-
-
 def int4_linear(
     x_TK: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """`x @ dequant(w).T` on kernel-packed int4 weights -> [T, N] in x's dtype."""
+    """`x @ dequant(w).T` on `_weight_int4pack_mm_for_cpu`-packed int4 weights -> [T, N] in x's dtype."""
     if scales_zeros.dtype != x_TK.dtype:
         scales_zeros = scales_zeros.to(x_TK.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_TK, packed, group_size, scales_zeros)
 
 
-def _pack_nibbles(codes_NK: torch.Tensor) -> torch.Tensor:
-    """Two codes a byte, even input channel in the low nibble: the portable layout."""
+def pack_nibbles(codes_NK: torch.Tensor) -> torch.Tensor:
+    """Two codes 0..15 a byte, even input channel in the low nibble: [N, K] -> uint8 [N, K / 2]. The native
+    kernel's layout, the expert store's and the portable path's."""
     c = codes_NK.to(torch.uint8)
     return c[:, 0::2] | (c[:, 1::2] << 4)
 
 
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     low, high = packed & 0xF, packed >> 4
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
+def rows_first(scales_zeros: torch.Tensor) -> torch.Tensor:
+    """[K / g, N, 2] (`quantize_int4_groups`) -> [N, K / g, 2] contiguous: each row's scales next to each other."""
+    return scales_zeros.transpose(0, 1).contiguous()
+
+
+def dequantize_int4(codes_packed: torch.Tensor, sz_NG2: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] from nibble-packed codes and per-row (scale, zero) groups."""
+    n, g = sz_NG2.shape[0], sz_NG2.shape[1]
+    codes = unpack_nibbles(codes_packed).float().reshape(n, g, -1)
+    scale, zero = sz_NG2.float().unbind(-1)
+    return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, -1)
+
+
+def quantize_activations_q8(x_TK: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """What the native int8 / int4 kernels multiply: x quantised to int8 per block of `block` channels
+    (d = amax / 127, q = round(x / d)), dequantised back to fp32. Reference for their tests."""
+    t, k = x_TK.shape
+    xb = x_TK.float().reshape(t, k // block, block)
+    d = xb.abs().amax(-1) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv[..., None]) * d[..., None]).reshape(t, k)
+
+
+def int8_matmul(x_TK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
+    """`x @ dequant(q).T` -> [T, N] in x's dtype: the native kernel for decode, torch's int8 GEMM for more rows."""
+    if x_TK.shape[0] <= NATIVE_DECODE_ROWS and native.available() and q_NK.shape[1] % ACT_BLOCK == 0:
+        return native.ops().gemv_int8(x_TK, q_NK, scale_N)
+    return torch._weight_int8pack_mm(x_TK, q_NK, scale_N.to(x_TK.dtype))
+
+
+def int4_matmul(x_TK: torch.Tensor, codes_packed: torch.Tensor, sz_NG2: torch.Tensor) -> torch.Tensor:
+    """`x @ dequant(w).T` on nibble-packed int4 (group 32) -> [T, N] in x's dtype: the native kernel, 16 tokens
+    a call; without it, the dequantised matrix."""
+    if native.available():
+        gemv = native.ops().gemv_int4
+        if x_TK.shape[0] <= native.MAX_TOKENS:
+            return gemv(x_TK, codes_packed, sz_NG2)
+        return torch.cat([gemv(x, codes_packed, sz_NG2) for x in x_TK.split(native.MAX_TOKENS)])
+    return F.linear(x_TK, dequantize_int4(codes_packed, sz_NG2).to(x_TK.dtype))
+
+
 class QuantizedMatrix(nn.Module):
     """An [N, K] weight in one format: `forward(x [..., K]) -> [..., N]` in the compute dtype, like a bias-free
-    `nn.Linear`. Activations in another dtype are cast to it (the int kernels take one dtype for x and scales)."""
+    `nn.Linear`. Activations in another dtype are cast to it (the int kernels take one dtype for x and scales).
+
+    `path` says which kernels run: "native" (the compiled decode kernels, GEMMs for prefill), "onednn" (bf16
+    prepacked), "torch" (torch's weight-only kernels) or "portable" (dequantise, then `F.linear`).
+    """
 
     def __init__(
         self,
@@ -128,15 +174,12 @@ class QuantizedMatrix(nn.Module):
         super().__init__()
         self.fmt, self.group_size, self.compute_dtype = check_format(fmt), group_size, compute_dtype
         self.out_features, self.in_features = weight_NK.shape
-        self.kernel = not portable_kernels()
+        self.path = self._choose_path()
+        self.upcast_prefill = fmt == "bf16" and compute_dtype == torch.bfloat16 and not native_bf16()
         with torch.no_grad():
             if fmt == "bf16":
                 weight = weight_NK.to(compute_dtype).contiguous()
-                # oneDNN's blocked layout, made once: its GEMV streams the weight at several times the rate of
-                # `F.linear` on the same bf16 matrix (scripts.bench_kernels).
-                self.kernel = compute_dtype == torch.bfloat16 and mkldnn_linear_available()
-                self.upcast_prefill = compute_dtype == torch.bfloat16 and not native_bf16()
-                if self.kernel:
+                if self.path == "onednn":  # oneDNN's blocked layout, made once
                     weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 self.register_buffer("weight", weight)
             elif fmt == "int8":
@@ -145,10 +188,30 @@ class QuantizedMatrix(nn.Module):
                 self.register_buffer("scale", scale)
             else:
                 codes, scales_zeros = quantize_int4_groups(weight_NK, group_size)
-                self.kernel = int4_kernel_available(self.out_features)
-                packed = pack_int4_for_kernel(codes) if self.kernel else _pack_nibbles(codes)
-                self.register_buffer("qweight", packed)
-                self.register_buffer("scales_zeros", scales_zeros.to(compute_dtype))
+                if self.path == "torch":
+                    self.register_buffer("qweight", pack_int4_for_kernel(codes))
+                    self.register_buffer("scales_zeros", scales_zeros.to(compute_dtype))
+                else:  # native and portable: nibbles and per-row groups, the kernel's bf16 scales
+                    self.register_buffer("qweight", pack_nibbles(codes))
+                    self.register_buffer("scales_zeros", rows_first(scales_zeros).to(torch.bfloat16))
+
+    def _choose_path(self) -> str:
+        if portable_kernels():
+            return "portable"
+        n, k, fmt = self.out_features, self.in_features, self.fmt
+        if native.available() and k % ACT_BLOCK == 0 and (fmt != "int4" or self.group_size == ACT_BLOCK):
+            if fmt != "bf16" or self.compute_dtype == torch.bfloat16:
+                return "native"
+        if fmt == "bf16":
+            return "onednn" if self.compute_dtype == torch.bfloat16 and mkldnn_linear_available() else "torch"
+        if fmt == "int4" and not int4_kernel_available(n):
+            return "portable"
+        return "torch"
+
+    @property
+    def kernel(self) -> bool:
+        """Whether a kernel (rather than the portable dequantise-then-multiply path) does the work."""
+        return self.path != "portable"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == self.compute_dtype:
@@ -160,45 +223,45 @@ class QuantizedMatrix(nn.Module):
     def matmul(self, x_TK: torch.Tensor) -> torch.Tensor:
         """[T, K] in the compute dtype -> [T, N]: the kernel call alone (decode calls it directly: a module call
         costs microseconds a step adds up hundreds of times)."""
-        if self.fmt == "bf16":
-            if self.kernel:
-                y = torch.ops.mkldnn._linear_pointwise(x_TK.contiguous(), self.weight, None, "none", [], "")
-            elif self.upcast_prefill and x_TK.shape[0] >= FP32_PREFILL_MIN_ROWS:
-                y = F.linear(x_TK.float(), self.weight.float()).to(self.compute_dtype)
-            else:
-                y = F.linear(x_TK, self.weight)
-        elif not self.kernel:
-            y = F.linear(x_TK, self.dequantize().to(self.compute_dtype))
-        elif self.fmt == "int8":
-            y = torch._weight_int8pack_mm(x_TK, self.qweight, self.scale)
-        else:
-            y = int4_linear(x_TK, self.qweight, self.scales_zeros, self.group_size)
-        return y
+        path, fmt = self.path, self.fmt
+        if path == "portable":
+            return F.linear(x_TK, self.dequantize().to(self.compute_dtype))
+        if fmt == "bf16":
+            if path == "native" and x_TK.shape[0] <= NATIVE_DECODE_ROWS:
+                return native.ops().gemv_bf16(x_TK, self.weight)
+            if path == "onednn":
+                return torch.ops.mkldnn._linear_pointwise(
+                    x_TK.contiguous(), self.weight, None, "none", [], ""
+                )
+            if self.upcast_prefill and x_TK.shape[0] >= FP32_PREFILL_MIN_ROWS:
+                return F.linear(x_TK.float(), self.weight.float()).to(self.compute_dtype)
+            return F.linear(x_TK, self.weight)
+        if fmt == "int8":
+            return int8_matmul(x_TK, self.qweight, self.scale)
+        if path == "native":
+            return int4_matmul(x_TK, self.qweight, self.scales_zeros)
+        return int4_linear(x_TK, self.qweight, self.scales_zeros, self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 [N, K] matrix this weight stands for (the kernels' reference)."""
-        if self.fmt == "bf16" and not self.kernel:
+        if self.fmt == "bf16" and self.path != "onednn":
             return self.weight.float()
         if self.fmt == "bf16":  # opaque oneDNN layout: multiply the identity
             eye = torch.eye(self.in_features, dtype=self.compute_dtype)
             return torch.ops.mkldnn._linear_pointwise(eye, self.weight, None, "none", [], "").float().t()
         if self.fmt == "int8":
             return self.qweight.float() * self.scale.float()[:, None]
-        if self.kernel:  # the packed layout is the kernel's own: let it multiply the identity
+        if self.path == "torch":  # the packed layout is the kernel's own: let it multiply the identity
             eye = torch.eye(self.in_features, dtype=torch.float32)
             return int4_linear(eye, self.qweight, self.scales_zeros, self.group_size).t()
-        n, k, g = self.out_features, self.in_features, self.group_size
-        codes = _unpack_nibbles(self.qweight).float().reshape(n, k // g, g)
-        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g] each
-        return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+        return dequantize_int4(self.qweight, self.scales_zeros)
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.fmt == "int4" else ""
-        path = "kernel" if self.kernel else "portable"
-        return f"{self.in_features} -> {self.out_features}, {self.fmt}{group}, {path}"
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}{group}, {self.path}"
 
 
 class QuantizedExperts(nn.Module):

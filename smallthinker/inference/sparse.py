@@ -2,12 +2,14 @@
 
 ReGLU is ``down(up(x) * relu(gate(x)))``: every neuron whose gate is <= 0 contributes exactly zero, so
 after a dense ``gate`` projection only the live neurons' rows of ``up`` and of ``down^T`` need to be read
-(SmallThinker report, section on sparse inference: > 60 % of neurons are dead inside a routed expert).
-Whether the gather pays depends on the fraction of live neurons and on the machine, so the switch point
-is measured (``calibrate_sparse_threshold``) rather than assumed.
+(SmallThinker report, section on sparse inference: > 60 % of neurons are dead inside a routed expert). The native
+kernels read those rows in place (`rows=`, `axpy_rows`); without them the rows are gathered first. Whether the
+sparse path pays depends on the fraction of live neurons and on the machine, so the switch point is measured
+(``calibrate_sparse_threshold``) rather than assumed.
 
 Record layouts (see ``store.record_layout``): ``gate [F, H]``, ``up [F, H]``, ``down_t [F, H]``; int8:
-``gate_q``, ``up_q`` ``[F, H]``, ``down_q [H, F]`` with per-output-channel scales.
+``gate_q``, ``up_q`` ``[F, H]``, ``down_q [H, F]`` with per-output-channel scales; int4: ``gate_q4``, ``up_q4``
+``[F, H / 2]``, ``down_q4 [H, F / 2]`` nibble-packed with ``*_sz`` scales and zeros.
 """
 
 from __future__ import annotations
@@ -18,57 +20,70 @@ import time
 import torch
 import torch.nn.functional as F
 
-from smallthinker.inference.formats import DEFAULT_GROUP_SIZE as INT4_GROUP_SIZE
-from smallthinker.inference.formats import int4_linear
-from smallthinker.inference.quant import int8_linear
+from smallthinker.inference import native
+from smallthinker.inference.formats import NATIVE_DECODE_ROWS, int4_matmul, int8_matmul
 
 DEFAULT_SPARSE_THRESHOLD = 0.4  # live-neuron fraction below which the sparse path is used, if not calibrated
 
 
-def reglu_dense(x_TH: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert on T tokens -> [T, H]."""
-    if "gate_q4" in w:
-        g_TF = int4_linear(x_TH, w["gate_q4"], w["gate_sz"], INT4_GROUP_SIZE)
-        u_TF = int4_linear(x_TH, w["up_q4"], w["up_sz"], INT4_GROUP_SIZE)
-        return int4_linear(F.relu(g_TF) * u_TF, w["down_q4"], w["down_sz"], INT4_GROUP_SIZE)
-    if "gate_q" in w:
-        g_TF = int8_linear(x_TH, w["gate_q"], w["gate_scale"])
-        u_TF = int8_linear(x_TH, w["up_q"], w["up_scale"])
-        return int8_linear(u_TF * F.relu(g_TF), w["down_q"], w["down_scale"])
-    h_TF = F.linear(x_TH, w["up"]) * F.relu(F.linear(x_TH, w["gate"]))
+def project(x_TH: torch.Tensor, w: dict[str, torch.Tensor], name: str, rows: torch.Tensor | None = None):
+    """x @ W.T for the record's "gate" or "up" matrix [F, H] -> [T, F], or only its `rows` -> [T, len(rows)]
+    (read in place by the native kernels; gathered otherwise)."""
+    if f"{name}_q4" in w:
+        codes, sz = w[f"{name}_q4"], w[f"{name}_sz"]
+        if rows is None:
+            return int4_matmul(x_TH, codes, sz)
+        if native.available():
+            return native.ops().gemv_int4(x_TH, codes, sz, rows)
+        return int4_matmul(x_TH, codes.index_select(0, rows), sz.index_select(0, rows))
+    if f"{name}_q" in w:
+        q, scale = w[f"{name}_q"], w[f"{name}_scale"]
+        if rows is None:
+            return int8_matmul(x_TH, q, scale)
+        if native.available() and q.shape[1] % 32 == 0:
+            return native.ops().gemv_int8(x_TH, q, scale, rows)
+        return int8_matmul(x_TH, q.index_select(0, rows), scale[rows])
+    weight = w[name]
+    fast = native.available() and weight.dtype == x_TH.dtype == torch.bfloat16
+    if fast and x_TH.shape[0] <= NATIVE_DECODE_ROWS:
+        return native.ops().gemv_bf16(x_TH, weight, rows)
+    return F.linear(x_TH, weight if rows is None else weight.index_select(0, rows))
+
+
+def down(h_TF: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The down projection of hidden activations [T, F] -> [T, H]."""
+    if "down_q4" in w:
+        return int4_matmul(h_TF, w["down_q4"], w["down_sz"])
+    if "down_q" in w:
+        return int8_matmul(h_TF, w["down_q"], w["down_scale"])
     return F.linear(h_TF, w["down_t"].t())
 
 
+def reglu_dense(x_TH: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One expert on T tokens -> [T, H]."""
+    return down(F.relu(project(x_TH, w, "gate")) * project(x_TH, w, "up"), w)
+
+
 def reglu_decode(x_1H: torch.Tensor, w: dict[str, torch.Tensor], threshold: float) -> torch.Tensor:
-    """One expert on one token -> [1, H]; neuron-sparse when few enough gate neurons are alive (bf16 and int8
-    records: the int4 kernel's packed rows cannot be gathered one neuron at a time)."""
-    if "gate_q4" in w:
-        return reglu_dense(x_1H, w)
-    if "gate_q" in w:
-        g_1F = int8_linear(x_1H, w["gate_q"], w["gate_scale"])
-    else:
-        g_1F = F.linear(x_1H, w["gate"])
+    """One expert on one token -> [1, H]; neuron-sparse when few enough gate neurons are alive: only the live rows
+    of `up` are read, and of `down` too where it is stored transposed (bf16 records); the quantised records
+    multiply `down` by the hidden vector with its dead neurons at zero."""
+    g_1F = project(x_1H, w, "gate")
     live_N = (g_1F[0] > 0).nonzero().flatten()
     if live_N.numel() > threshold * g_1F.shape[1]:
-        return _finish_dense(x_1H, g_1F, w)
+        return down(F.relu(g_1F) * project(x_1H, w, "up"), w)
     if live_N.numel() == 0:
         return x_1H.new_zeros(x_1H.shape)
-    g_N = g_1F[0, live_N]
-    if "gate_q" in w:
-        u_1N = int8_linear(x_1H, w["up_q"].index_select(0, live_N), w["up_scale"][live_N])
+    h_1N = project(x_1H, w, "up", rows=live_N) * g_1F[:, live_N]
+    if "down_t" not in w:
         h_1F = torch.zeros_like(g_1F)
-        h_1F[0, live_N] = u_1N[0] * g_N
-        return int8_linear(h_1F, w["down_q"], w["down_scale"])
-    u_1N = F.linear(x_1H, w["up"].index_select(0, live_N))
+        h_1F[:, live_N] = h_1N
+        return down(h_1F, w)
+    down_t = w["down_t"]
+    if native.available() and down_t.dtype == torch.bfloat16:
+        return native.ops().axpy_rows(h_1N[0], down_t, live_N).to(x_1H.dtype)
     # Rows of down^T are contiguous, so the gather is a plain row copy (columns of down would be strided).
-    return F.linear(u_1N * g_N, w["down_t"].index_select(0, live_N).t())
-
-
-def _finish_dense(x_1H: torch.Tensor, g_1F: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "gate_q" in w:
-        u_1F = int8_linear(x_1H, w["up_q"], w["up_scale"])
-        return int8_linear(u_1F * F.relu(g_1F), w["down_q"], w["down_scale"])
-    return F.linear(F.linear(x_1H, w["up"]) * F.relu(g_1F), w["down_t"].t())
+    return F.linear(h_1N, down_t.index_select(0, live_N).t())
 
 
 def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 7) -> float:
@@ -85,6 +100,11 @@ def calibrate_sparse_threshold(w: dict[str, torch.Tensor], repeats: int = 7) -> 
 
 def _with_live_fraction(w: dict[str, torch.Tensor], frac: float) -> dict[str, torch.Tensor]:
     """A variant of ``w`` whose gate makes exactly ``frac`` of the neurons live for an all-ones input."""
+    if "gate_sz" in w:  # int4: scale 0 and zero +-1 make each gate row a constant +-1
+        sz = torch.zeros_like(w["gate_sz"])
+        sz[..., 1] = -1
+        sz[: max(1, int(frac * sz.shape[0])), :, 1] = 1
+        return {**w, "gate_sz": sz}
     key = "gate_q" if "gate_q" in w else "gate"
     gate = w[key]
     sign_F1 = torch.full((gate.shape[0], 1), -1, dtype=gate.dtype)
@@ -100,9 +120,12 @@ def sparse_over_dense_time(w: dict[str, torch.Tensor], repeats: int) -> float:
 
     The two paths alternate call by call so that load from other processes hits both alike.
     """
-    gate = w["gate_q"] if "gate_q" in w else w["gate"]
-    dtype = w["gate_scale"].dtype if "gate_q" in w else gate.dtype
-    ones = torch.ones(1, gate.shape[1], dtype=dtype)
+    if "gate_q4" in w:
+        ones = torch.ones(1, w["gate_q4"].shape[1] * 2, dtype=torch.bfloat16)
+    else:
+        gate = w["gate_q"] if "gate_q" in w else w["gate"]
+        dtype = w["gate_scale"].dtype if "gate_q" in w else gate.dtype
+        ones = torch.ones(1, gate.shape[1], dtype=dtype)
     ratios = []
     for _ in range(repeats + 1):
         times = []

@@ -7,8 +7,9 @@ Layout of a store directory (written once by ``convert_checkpoint``):
   ``gate [F, H]`` and ``up [F, H]`` (rows = neurons, so neuron-sparse ``up`` is a row gather) and
   ``down_t [F, H]`` (``down`` transposed, so its neuron rows are contiguous too). The int8 store keeps
   ``down [H, F]`` untransposed because the int8 kernel wants ``[out, in]``, plus per-channel scales. The int4
-  store keeps ``gate``, ``up`` and ``down`` in the int4 kernel's packed layout with per-group scales and zeros
-  (``formats.quantize_int4_groups``); the manifest records the layout's signature, checked at load.
+  store keeps ``gate``, ``up`` and ``down`` as nibble-packed codes (``formats.pack_nibbles``) with bf16 scales and
+  zeros per row and group of 32 (``[N, K / 32, 2]``): the native kernel's layout, the same on every machine
+  (the manifest says ``"int4_layout": "nibbles"``).
 - ``manifest.json``: shapes, dtypes, offsets and a crc32 per record.
 - ``resident.safetensors``: every non-expert weight (embeddings, attention, norms, routers, head),
   loaded into memory at start-up. A tied ``lm_head`` is not stored twice.
@@ -34,9 +35,9 @@ from smallthinker.inference.formats import (
     DEFAULT_GROUP_SIZE as INT4_GROUP_SIZE,
 )
 from smallthinker.inference.formats import (
-    int4_layout_signature,
-    pack_int4_for_kernel,
+    pack_nibbles,
     quantize_int4_groups,
+    rows_first,
 )
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer
 from smallthinker.inference.quant import quantize_int8_rows
@@ -54,6 +55,7 @@ MANIFEST = "manifest.json"
 EXPERTS_FILE = "experts.bin"
 RESIDENT_FILE = "resident.safetensors"
 QUANT_MODES = ("none", "int8", "int4")
+INT4_LAYOUT = "nibbles"  # formats.pack_nibbles codes, [N, K / 32, 2] bf16 scales and zeros
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -106,9 +108,9 @@ def record_layout(quant: str, dtype: torch.dtype, hidden: int, ffn: int) -> tupl
             ("gate_q4", "uint8", (ffn, hidden // 2)),
             ("up_q4", "uint8", (ffn, hidden // 2)),
             ("down_q4", "uint8", (hidden, ffn // 2)),
-            ("gate_sz", dname, (hidden // g, ffn, 2)),
-            ("up_sz", dname, (hidden // g, ffn, 2)),
-            ("down_sz", dname, (ffn // g, hidden, 2)),
+            ("gate_sz", "bfloat16", (ffn, hidden // g, 2)),
+            ("up_sz", "bfloat16", (ffn, hidden // g, 2)),
+            ("down_sz", "bfloat16", (hidden, ffn // g, 2)),
         ]
     else:
         raise ValueError(f"unknown quantisation {quant!r}; choose one of {QUANT_MODES}")
@@ -157,14 +159,9 @@ class _CheckpointReader:
         return gate_FH, up_FH, self.get(f"{prefix}.down_proj")[j]
 
 
-def _int4_parts(name: str, w_NK: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _int4_parts(name: str, w_NK: torch.Tensor) -> dict[str, torch.Tensor]:
     codes, scales_zeros = quantize_int4_groups(w_NK, INT4_GROUP_SIZE)
-    return {f"{name}_q4": pack_int4_for_kernel(codes), f"{name}_sz": scales_zeros.to(dtype)}
-
-
-def int4_layouts(hidden: int, ffn: int) -> dict[str, int]:
-    """The int4 kernel layout signatures of the expert shapes (written to and checked against the manifest)."""
-    return {f"{n}x{k}": int4_layout_signature(n, k) for n, k in ((ffn, hidden), (hidden, ffn))}
+    return {f"{name}_q4": pack_nibbles(codes), f"{name}_sz": rows_first(scales_zeros).to(torch.bfloat16)}
 
 
 def _pack_record(
@@ -173,9 +170,7 @@ def _pack_record(
     if quant == "none":
         parts = {"gate": gate_FH, "up": up_FH, "down_t": down_HF.t()}
     elif quant == "int4":
-        dtype = gate_FH.dtype
-        parts = {**_int4_parts("gate", gate_FH, dtype), **_int4_parts("up", up_FH, dtype)}
-        parts |= _int4_parts("down", down_HF, dtype)
+        parts = {**_int4_parts("gate", gate_FH), **_int4_parts("up", up_FH), **_int4_parts("down", down_HF)}
     else:
         dtype = gate_FH.dtype
         (gq, gs), (uq, us), (dq, ds) = (quantize_int8_rows(w, dtype) for w in (gate_FH, up_FH, down_HF))
@@ -221,11 +216,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, quant: st
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
         "quant": quant,
-        **(
-            {"group_size": INT4_GROUP_SIZE, "int4_layouts": int4_layouts(hidden, ffn)}
-            if quant == "int4"
-            else {}
-        ),
+        **({"group_size": INT4_GROUP_SIZE, "int4_layout": INT4_LAYOUT} if quant == "int4" else {}),
         "dtype": str(dtype).removeprefix("torch."),
         "num_layers": num_layers,
         "num_experts": num_experts,
@@ -318,11 +309,10 @@ class ExpertStore:
     def _check_int4_layout(self) -> None:
         if self.quant != "int4":
             return
-        m = self.manifest
-        if int4_layouts(m["hidden_size"], m["ffn_size"]) != m["int4_layouts"]:
+        if self.manifest.get("int4_layout") != INT4_LAYOUT:
             raise StoreError(
-                f"{self.path} holds int4 weights packed for another CPU kernel layout (another machine or torch "
-                "build); convert the checkpoint again here: smallthinker convert-store --quant int4 ..."
+                f"{self.path} holds int4 weights in an earlier packing (a torch kernel's, tied to one machine); "
+                "convert the checkpoint again: smallthinker convert-store --quant int4 ..."
             )
 
     def _check_size(self) -> None:

@@ -1,7 +1,9 @@
 """Weight formats: every kernel path against its portable reference and against the eager model.
 
 Tolerances: the bf16 format is the bf16 eager model bit for bit; int8 and int4 kernels match the dequantised
-matrix to bf16 rounding (relative error < 1 %); the quantisation error itself is bounded per format.
+matrix to bf16 rounding and, for the native decode kernels, int8 activation rounding (relative error < 1 %); the
+quantisation error itself is bounded per format. tests/inference/test_native.py holds the native kernels to
+their exact reference.
 """
 
 from __future__ import annotations
@@ -148,34 +150,40 @@ def test_bytes_per_token_shrink_with_the_format():
 
 AVX2_PROBE = """
 import torch
-from smallthinker.inference.formats import QuantizedMatrix, int4_layout_signature
+from smallthinker.inference import native
+from smallthinker.inference.formats import QuantizedMatrix, quantize_activations_q8
 assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"), torch.backends.cpu.get_cpu_capability()
+assert native.describe() == "bf16=avx2-fma int8/int4=avx2", native.describe()
 torch.manual_seed(0)
 w = torch.randn(64, 128) * 0.02
-x = torch.randn(4, 128).bfloat16()
-for fmt in ("bf16", "int8", "int4"):
-    m = QuantizedMatrix(w, fmt)
-    ref = x.float() @ m.dequantize().t()
-    err = ((m(x).float() - ref).norm() / ref.norm()).item()
-    # No native bf16 here: the bf16 format falls back to F.linear; the int kernels run their AVX2 code.
-    assert m.kernel == (fmt != "bf16") and err < 1e-2, (fmt, m.kernel, err)
-    if fmt == "bf16":  # a prefill-sized input takes the fp32 path, with the same result
-        x16 = torch.randn(16, 128).bfloat16()
-        ref16 = x16.float() @ m.dequantize().t()
-        assert m.upcast_prefill and ((m(x16).float() - ref16).norm() / ref16.norm()).item() < 1e-2
-print(int4_layout_signature(64, 128))
+for rows in (1, 2, 16):  # decode (native), and prefill (GEMMs; bf16 in fp32 without native bf16)
+    x = torch.randn(rows, 128).bfloat16()
+    for fmt in ("bf16", "int8", "int4"):
+        m = QuantizedMatrix(w, fmt)
+        assert m.path == "native", (fmt, m.path)
+        xq = quantize_activations_q8(x) if fmt != "bf16" and (rows <= 2 or fmt == "int4") else x.float()
+        ref = xq @ m.dequantize().t()
+        err = ((m(x).float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (fmt, rows, err)
+    assert QuantizedMatrix(w, "bf16").upcast_prefill
+print("ok")
 """
 
 
 def test_kernels_are_correct_on_avx2_only_dispatch():
-    """PyTorch's and oneDNN's AVX2 kernels (what a CPU without AVX-512 runs), forced here: every format still
-    matches its dequantised matrix; the int4 packing may differ from this machine's, which the store checks."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    """What a CPU without AVX-512 runs, forced here: PyTorch's and oneDNN's AVX2 kernels and the native kernels'
+    AVX2 branch (built for x86-64-v3); every format matches its dequantised matrix, decode and prefill."""
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "SMALLTHINKER_KERNEL_MARCH": "x86-64-v3",
+    }
     done = subprocess.run(
         [sys.executable, "-c", AVX2_PROBE], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().isdigit()
+    assert done.stdout.strip() == "ok"
 
 
 def test_quality_report_per_format(tmp_path):

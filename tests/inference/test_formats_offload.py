@@ -48,11 +48,15 @@ def test_weight_format_must_match_the_store(bf16_checkpoint):
         load_offloaded(store, memory_budget="1GB", max_context=64, weight_format="int4")
 
 
-def test_int4_store_refuses_another_kernel_layout(bf16_checkpoint):
+def test_int4_store_refuses_an_earlier_packing(bf16_checkpoint):
+    """Stores whose int4 codes are in a torch kernel's machine-dependent packing (no `int4_layout`) are refused
+    with the command that converts them again."""
     root, ckpt = bf16_checkpoint
     store = convert_checkpoint(ckpt, root / "store-layout", quant="int4")
     manifest = json.loads((store / MANIFEST).read_text())
-    manifest["int4_layouts"] = {k: v ^ 1 for k, v in manifest["int4_layouts"].items()}
+    assert manifest["int4_layout"] == "nibbles"
+    del manifest["int4_layout"]
+    manifest["int4_layouts"] = {"64x96": 123}
     (store / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match="packed for another CPU kernel layout"):
+    with pytest.raises(StoreError, match="earlier packing .* convert-store --quant int4"):
         ExpertStore(store)

@@ -6,6 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smallthinker.inference import native
+from smallthinker.inference.formats import (
+    dequantize_int4,
+    pack_nibbles,
+    quantize_activations_q8,
+    quantize_int4_groups,
+    rows_first,
+)
 from smallthinker.inference.quant import dequantize_int8_rows, int8_linear, quantize_int8_rows
 from smallthinker.inference.sparse import calibrate_sparse_threshold, reglu_decode, reglu_dense
 
@@ -21,8 +29,14 @@ def _expert(dtype: torch.dtype, seed: int = 0):
     return w, (gate, up, down), x.to(dtype)
 
 
-def _reference(x, gate, up, down):
-    return F.linear(F.linear(x, up) * F.relu(F.linear(x, gate)), down)
+def _reference(x, gate, up, down, act=lambda t: t):
+    """The expert; `act` is what the kernels do to activations before a quantised matrix meets them."""
+    return F.linear(act(F.linear(act(x), up) * F.relu(F.linear(act(x), gate))), down)
+
+
+def _q8_if_native(t: torch.Tensor) -> torch.Tensor:
+    """The native int8 / int4 kernels quantise activations per block of 32 (llama.cpp's Q8_0); torch's do not."""
+    return quantize_activations_q8(t) if native.available() else t
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -58,12 +72,31 @@ def test_int8_quantisation_and_kernel():
     for name, mat in (("gate", gate), ("up", up), ("down", down)):
         wq[f"{name}_q"], wq[f"{name}_scale"] = quantize_int8_rows(mat, torch.float32)
     deq = [dequantize_int8_rows(wq[f"{n}_q"], wq[f"{n}_scale"]) for n in ("gate", "up", "down")]
-    ref = _reference(x, *deq)
+    ref = _reference(x, *deq, act=_q8_if_native)
     torch.testing.assert_close(reglu_decode(x, wq, threshold=1.0), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reglu_decode(x, wq, threshold=-1.0), ref, atol=1e-4, rtol=1e-4)
     # Quantisation error relative to the unquantised expert stays at the int8 rounding level.
     exact = _reference(x, gate, up, down)
     assert (ref - exact).norm() / exact.norm() < 0.02
+
+
+def test_int4_records_sparse_and_dense():
+    """int4 records (nibbles, per-row scales): the sparse branch reads only the live rows of `up` and equals the
+    dense branch and the dequantised expert."""
+    w, (gate, up, down), x = _expert(torch.float32, seed=2)
+    x = x.bfloat16()
+    rec, deq = {}, []
+    for name, mat in (("gate", gate), ("up", up), ("down", down)):
+        codes, sz = quantize_int4_groups(mat, 32)
+        rec[f"{name}_q4"], rec[f"{name}_sz"] = pack_nibbles(codes), rows_first(sz).bfloat16()
+        deq.append(dequantize_int4(rec[f"{name}_q4"], rec[f"{name}_sz"]))
+    ref = _reference(x.float(), *deq, act=lambda t: _q8_if_native(t.bfloat16().float()))
+    for threshold in (1.0, -1.0):
+        torch.testing.assert_close(reglu_decode(x, rec, threshold).float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        reglu_dense(x.repeat(3, 1), rec).float(), ref.repeat(3, 1), atol=2e-2, rtol=2e-2
+    )
+    assert 0.0 <= calibrate_sparse_threshold(rec, repeats=2) <= 0.7
 
 
 def test_calibrated_threshold_is_a_fraction():
