@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from scripts.bench_offload import write_random_checkpoint
+from smallthinker.inference import native
 from smallthinker.inference.formats import FORMATS, quantize_model
 from smallthinker.inference.quality import compare_formats, format_quality_table, load_token_sequences
 from smallthinker.inference.stats import isa_flags
@@ -329,7 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     ggufs = {}
     if args.llama_cpp_src:
         ggufs = llama_ggufs(ckpt, workdir, Path(args.llama_cpp_src))
-    print(f"ISA: {isa_flags()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"ISA: {isa_flags()}; kernels: {native.describe()}; load average {os.getloadavg()[0]:.2f}", flush=True
+    )
     rows: list[dict] = []
     overheads: list[dict] = []
     num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
             if fmt in ggufs:
                 record(run_llama(ggufs[fmt], fmt, threads, ids), rows)
     print(f"\n{args.preset}, random weights, batch 1, {PROMPT_LEN}-token prompt, {DECODE_TOKENS} decode tokens "
-          f"(median); ISA: {isa_flags()}; load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+          f"(median); ISA: {isa_flags()}; kernels: {native.describe()}; "
+          f"load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
     print(table(rows))
     print(overhead_table(overheads, rows, num_layers))
     if args.json:

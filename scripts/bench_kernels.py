@@ -5,9 +5,10 @@ CPU caches (a decode step streams 1.7 GB of weights: cache-resident microbenchma
 
 Candidates (each checked against the dequantised reference before it is timed):
 - bf16: `F.linear` on bf16 weights; oneDNN with the weight prepacked once (`mkldnn._reorder_linear_weight` +
-  `mkldnn._linear_pointwise`, what inductor's freezing pass emits); fp32 `F.linear` for scale.
-- int8 (per-channel): `torch._weight_int8pack_mm`; the portable dequantise-then-matmul path.
-- int4 (group 32, scale and zero): `_weight_int4pack_mm_for_cpu`; the portable path.
+  `mkldnn._linear_pointwise`, what inductor's freezing pass emits); our native kernel; fp32 `F.linear` for scale.
+- int8 (per-channel): `torch._weight_int8pack_mm`; our native kernel; the portable dequantise-then-matmul path.
+- int4 (group 32, scale and zero; 4.5 bits a weight with the bf16 scales and zeros): `_weight_int4pack_mm_for_cpu`;
+  our native kernel; the portable path.
 Rows: GB/s of weight bytes streamed and G weights/s, for one token (decode) and 16 tokens (prefill), with the
 CPU's ISA flags. `formats.QuantizedMatrix` uses the winner of each format where it is available.
 """
@@ -23,7 +24,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from smallthinker.inference.formats import QuantizedMatrix, mkldnn_linear_available
+from smallthinker.inference import native
+from smallthinker.inference.formats import (
+    DEFAULT_GROUP_SIZE,
+    QuantizedMatrix,
+    int4_linear,
+    mkldnn_linear_available,
+    pack_int4_for_kernel,
+    pack_nibbles,
+    quantize_int4_groups,
+    rows_first,
+)
+from smallthinker.inference.quant import quantize_int8_rows
 from smallthinker.inference.stats import isa_flags
 
 # (out, in) of the matrices a 4B decode step multiplies: fused gate+up, down, q/o, k/v, the LM head.
@@ -53,21 +65,46 @@ def candidates(
         w = w_NK.bfloat16().clone()
         return lambda x: F.linear(x, w)
 
+    def bf16_onednn() -> Callable:
+        w = torch.ops.mkldnn._reorder_linear_weight(w_NK.bfloat16().contiguous(), 1)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
     def fp32_linear() -> Callable:
         w = w_NK.float().clone()
         return lambda x: F.linear(x.float(), w)
 
+    def int8(kernel: str) -> Callable:
+        q, scale = quantize_int8_rows(w_NK, torch.bfloat16)
+        if kernel == "native":
+            return lambda x: native.ops().gemv_int8(x, q, scale)
+        return lambda x: torch._weight_int8pack_mm(x, q, scale)
+
+    def int4(kernel: str) -> Callable:
+        codes, scales_zeros = quantize_int4_groups(w_NK, DEFAULT_GROUP_SIZE)
+        if kernel == "native":
+            packed, sz = pack_nibbles(codes), rows_first(scales_zeros).bfloat16()
+            return lambda x: native.ops().gemv_int4(x, packed, sz)
+        packed, sz = pack_int4_for_kernel(codes), scales_zeros.bfloat16()
+        return lambda x: int4_linear(x, packed, sz, DEFAULT_GROUP_SIZE)
+
     out = {
         "bf16 F.linear": (2, bf16_linear),
-        "bf16 oneDNN prepacked": (2, lambda: QuantizedMatrix(w_NK, "bf16")),
+        "bf16 oneDNN prepacked": (2, bf16_onednn),
+        "bf16 native": (2, lambda: (lambda w: lambda x: native.ops().gemv_bf16(x, w))(w_NK.bfloat16())),
         "fp32 F.linear": (4, fp32_linear),
-        "int8 _weight_int8pack_mm": (1, lambda: QuantizedMatrix(w_NK, "int8")),
+        "int8 _weight_int8pack_mm": (1, lambda: int8("torch")),
+        "int8 native": (1, lambda: int8("native")),
         "int8 portable": (1, lambda: portable("int8")),
-        "int4 _weight_int4pack_mm_for_cpu": (0.5, lambda: QuantizedMatrix(w_NK, "int4")),
-        "int4 portable": (0.5, lambda: portable("int4")),
+        "int4 _weight_int4pack_mm_for_cpu": (0.5625, lambda: int4("torch")),
+        "int4 native": (0.5625, lambda: int4("native")),
+        "int4 portable": (0.5625, lambda: portable("int4")),
     }
     if not mkldnn_linear_available():
         del out["bf16 oneDNN prepacked"]
+    if not native.available():
+        out = {name: c for name, c in out.items() if "native" not in name}
+    elif w_NK.shape[0] % 16:
+        del out["int4 _weight_int4pack_mm_for_cpu"]
     return out
 
 
@@ -85,6 +122,15 @@ def time_candidate(make: Callable, count: int, x: torch.Tensor, repeats: int = 3
     return statistics.median(best)
 
 
+def reference_weight(w_NK: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The matrix a format stands for (the kernels differ only in rounding from x @ it.T)."""
+    os.environ["SMALLTHINKER_PORTABLE_KERNELS"] = "1"
+    try:
+        return QuantizedMatrix(w_NK, fmt).dequantize()
+    finally:
+        del os.environ["SMALLTHINKER_PORTABLE_KERNELS"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"ISA: {isa_flags()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+          f"kernels: {native.describe()}; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -103,11 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(m, k).bfloat16()
                 for name, (bpw, make) in candidates(w).items():
-                    ref = (
-                        x.float() @ QuantizedMatrix(w, name.split()[0]).dequantize().t()
-                        if "fp32" not in name
-                        else None
-                    )
+                    ref = None if "fp32" in name else x.float() @ reference_weight(w, name.split()[0]).t()
                     if ref is not None:
                         err = ((make()(x).float() - ref).norm() / ref.norm()).item()
                         assert err < 2e-2, (name, err)

@@ -269,7 +269,8 @@ class QuantizedExperts(nn.Module):
 
     Same math as the eager reference (ascending experts, outputs accumulated in the activation dtype), computing
     only the experts that received a token: a decode step touches K experts, a prefill runs one GEMM per projection
-    of each routed expert over all of its tokens.
+    of each routed expert over all of its tokens. With the native kernels a decode step is one call per layer
+    (`moe_decode`), bit-identical to the per-expert path.
     """
 
     def __init__(
@@ -285,6 +286,15 @@ class QuantizedExperts(nn.Module):
         with torch.no_grad():
             self.gate_up = nn.ModuleList(QuantizedMatrix(w, *args) for w in experts.gate_up_proj.unbind(0))
             self.down = nn.ModuleList(QuantizedMatrix(w, *args) for w in experts.down_proj.unbind(0))
+        # One native call per token and layer (`moe_decode`) wants each projection's weights stacked over experts;
+        # the per-expert matrices become views of the stacks, so nothing is held twice.
+        self.fused: tuple[torch.Tensor, ...] | None = None
+        if compute_dtype == torch.bfloat16 and all(m.path == "native" for m in (*self.gate_up, *self.down)):
+            names = _BUFFERS[fmt]
+            gate_up, down = (_stack_buffers(mats, names) for mats in (self.gate_up, self.down))
+            empty = torch.empty(0)
+            self.fused = (gate_up[0], gate_up[1] if len(names) > 1 else empty)
+            self.fused += (down[0], down[1] if len(names) > 1 else empty)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -304,6 +314,8 @@ class QuantizedExperts(nn.Module):
     def _one_token(self, x_1H: torch.Tensor, index_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
         """Decode: the token's k experts in ascending order, summed in the activation dtype (the eager order),
         without the gathers and scatters a batch needs."""
+        if self.fused is not None and x_1H.dtype == torch.bfloat16:
+            return native.ops().moe_decode(x_1H, index_K, weights_K, *self.fused)
         out_1H = torch.zeros_like(x_1H)
         x_1H = x_1H.to(self.gate_up[0].compute_dtype)
         weights_K = weights_K.to(x_1H.dtype)
@@ -313,6 +325,21 @@ class QuantizedExperts(nn.Module):
             y = self.down[experts[k]].matmul(F.relu(gate) * up) * weights_K[k]
             out_1H += y.to(out_1H.dtype)
         return out_1H
+
+
+_BUFFERS = {"bf16": ("weight",), "int8": ("qweight", "scale"), "int4": ("qweight", "scales_zeros")}
+
+
+def _stack_buffers(mats: nn.ModuleList, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Stack the named buffers of `mats` over a new first dimension and make each module's buffer a view of its
+    slice."""
+    stacks = []
+    for name in names:
+        stacked = torch.stack([getattr(m, name) for m in mats])
+        for i, m in enumerate(mats):
+            setattr(m, name, stacked[i])
+        stacks.append(stacked)
+    return stacks
 
 
 def _replace_linears(

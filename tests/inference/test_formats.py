@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from smallthinker.inference import native
 from smallthinker.inference.formats import (
     FORMATS,
     QuantizedExperts,
@@ -116,6 +117,8 @@ def test_what_is_converted_and_what_is_not():
 def test_decode_touches_only_the_routed_experts(monkeypatch):
     """One token, top-k experts per layer: exactly 2 * k expert matrix products per layer, none for the others."""
     model = quantize_model(tiny_model(), "int8")
+    for layer in model.model.layers:  # the per-expert path (the fused native call is tested against it below)
+        layer.block_sparse_moe.experts.fused = None
     expert_matrices = {
         id(m) for layer in model.model.layers for m in layer.block_sparse_moe.experts.modules()
         if isinstance(m, QuantizedMatrix)
@@ -132,6 +135,28 @@ def test_decode_touches_only_the_routed_experts(monkeypatch):
         model(torch.tensor([[5]]))
     config = model.config
     assert sum(calls) == 2 * config.moe_num_active_primary_experts * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_expert_decode_is_the_per_expert_path_bit_for_bit(fmt):
+    """`moe_decode` (one native call per layer and token) against the per-expert kernel calls it replaces: the
+    same logits bit for bit over a greedy generation, and the per-expert matrices are views of its stacks."""
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    fused = quantize_model(tiny_model(), fmt)
+    split = quantize_model(tiny_model(), fmt)
+    experts = fused.model.layers[0].block_sparse_moe.experts
+    assert experts.fused is not None
+    assert experts.down[1].dequantize().data_ptr() != 0 and experts.down[1].weight_bytes() > 0
+    assert experts.fused[2][1].data_ptr() == next(experts.down[1].buffers()).data_ptr()
+    for layer in split.model.layers:
+        layer.block_sparse_moe.experts.fused = None
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a = fused.generate(torch.tensor([[1, 2, 3]]), **kwargs)
+        b = split.generate(torch.tensor([[1, 2, 3]]), **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(torch.stack(a.logits), torch.stack(b.logits))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
