@@ -108,7 +108,7 @@ def test_what_is_converted_and_what_is_not():
     assert isinstance(layer.self_attn.q_proj, QuantizedMatrix) and isinstance(model.lm_head, QuantizedMatrix)
     assert isinstance(layer.block_sparse_moe.experts, QuantizedExperts)
     router = layer.block_sparse_moe.primary_router
-    assert type(router) is SmallThinkerRouter and router.weight.dtype == torch.bfloat16
+    assert isinstance(router, SmallThinkerRouter) and router.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
         quantize_model(tiny_model(), "int3")
