@@ -15,7 +15,9 @@ tokenizer, and the converter is told it uses Qwen2's pre-tokenizer (it cannot re
 agreement against bf16).
 
 Each measurement: a 16-token prompt (prefill tok/s), then 32 greedy tokens one at a time (decode tok/s, median
-of per-token times). The table names the CPU's ISA flags; ratios compare the same bit width in the same run.
+of per-token times). Ours and llama.cpp alternate for `--rounds` rounds on the same bits (the model loaded once),
+and the table gives the medians: the load of a shared machine hits both alike. It names the CPU's ISA flags and
+the native kernels' branch; ratios compare the same bit width in the same run.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def time_ours(model: SmallThinkerForCausalLM, ids: list[int]) -> tuple[float, fl
         prompt[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True
     )  # warm the kernels
     start = time.perf_counter()
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    # Logits of the last position only, as generation (and llama.cpp's eval) computes them.
+    logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     prefill = len(ids) / (time.perf_counter() - start)
     times = []
     for _ in range(WARMUP + DECODE_TOKENS):
@@ -88,21 +91,40 @@ def time_ours(model: SmallThinkerForCausalLM, ids: list[int]) -> tuple[float, fl
     return prefill, 1 / statistics.median(times[WARMUP:])
 
 
-def run_ours(ckpt: Path, fmt: str, threads: int, ids: list[int]) -> dict:
-    torch.set_num_threads(threads)
+def load_ours(ckpt: Path, fmt: str) -> SmallThinkerForCausalLM:
     model = SmallThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     model = quantize_model(model, fmt)
     gc.collect()
-    prefill, decode = time_ours(model, ids)
-    del model
-    gc.collect()
+    return model
+
+
+def median_row(system: str, fmt: str, threads: int, runs: list[tuple[float, float]]) -> dict:
+    """One table row from rounds of (prefill tok/s, decode tok/s): medians, and every round's decode rate."""
     return {
-        "system": f"ours, resident {fmt}",
+        "system": system,
         "format": fmt,
         "threads": threads,
-        "prefill": prefill,
-        "decode": decode,
+        "prefill": statistics.median(r[0] for r in runs),
+        "decode": statistics.median(r[1] for r in runs),
+        "decode_rounds": [round(r[1], 2) for r in runs],
     }
+
+
+def run_pair(
+    model: SmallThinkerForCausalLM, gguf: Path | None, fmt: str, threads: int, ids: list[int], rounds: int
+) -> list[dict]:
+    """Ours and llama.cpp on the same bits, alternating round by round, so that the load of a shared machine hits
+    both alike; medians over the rounds."""
+    torch.set_num_threads(threads)
+    ours, llama = [], []
+    for _ in range(rounds):
+        ours.append(time_ours(model, ids))
+        if gguf is not None:
+            llama.append(time_llama(gguf, threads, ids))
+    rows = [median_row(f"ours, resident {fmt}", fmt, threads, ours)]
+    if gguf is not None:
+        rows.append(median_row(f"llama.cpp {LLAMA_TYPES[fmt]}", fmt, threads, llama))
+    return rows
 
 
 def run_default(ckpt: Path, threads: int, ids: list[int]) -> dict:
@@ -275,14 +297,9 @@ def overhead_table(overheads: list[dict], rows: list[dict], num_layers: int) -> 
 
 def record(row: dict, rows: list[dict]) -> None:
     rows.append(row)
-    print(f"  {row['system']:<32} threads {row['threads']}: decode {row['decode']:.2f} tok/s, "
+    rounds = f" (rounds {row['decode_rounds']})" if "decode_rounds" in row else ""
+    print(f"  {row['system']:<32} threads {row['threads']}: decode {row['decode']:.2f} tok/s{rounds}, "
           f"prefill {row['prefill']:.1f} tok/s", flush=True)  # fmt: skip
-
-
-def run_llama(gguf: Path, fmt: str, threads: int, ids: list[int]) -> dict:
-    prefill, decode = time_llama(gguf, threads, ids)
-    return {"system": f"llama.cpp {LLAMA_TYPES[fmt]}", "format": fmt, "threads": threads, "prefill": prefill,
-            "decode": decode}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="/tmp/smallthinker-decode")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of ours and llama.cpp per row (medians)"
+    )
     parser.add_argument(
         "--llama-cpp-src", default=None, help="llama.cpp source tree with convert_hf_to_gguf.py"
     )
@@ -336,14 +356,19 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     overheads: list[dict] = []
     num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
-    for threads in (int(t) for t in args.threads.split(",")):
-        if not args.no_baseline:
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    if not args.no_baseline:
+        for threads in thread_counts:
             record(run_default(ckpt, threads, ids), rows)
-        for fmt in formats:
+    for fmt in formats:
+        for threads in thread_counts:
             overheads.append(per_token_overhead(args.preset, fmt, threads))
-            record(run_ours(ckpt, fmt, threads, ids), rows)
-            if fmt in ggufs:
-                record(run_llama(ggufs[fmt], fmt, threads, ids), rows)
+        model = load_ours(ckpt, fmt)
+        for threads in thread_counts:
+            for row in run_pair(model, ggufs.get(fmt), fmt, threads, ids, args.rounds):
+                record(row, rows)
+        del model
+        gc.collect()
     print(f"\n{args.preset}, random weights, batch 1, {PROMPT_LEN}-token prompt, {DECODE_TOKENS} decode tokens "
           f"(median); ISA: {isa_flags()}; kernels: {native.describe()}; "
           f"load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
