@@ -249,7 +249,12 @@ def active_bytes_per_token(store: ExpertStore, config) -> int:
 def run_offloaded(
     name: str, store: Path, budget: int, tokens: int, verbose: bool, machine, trace=None, **kwargs
 ) -> dict:
-    """Decode under `budget`; with a routing `trace` every router picks the trace's experts."""
+    """Decode under `budget`; with a routing `trace` every router picks the trace's experts. Attention, routers
+    and head run in the store's format with the resident model's decode kernels (`weight_format`), as in chat."""
+    opened = ExpertStore(store)
+    quant = opened.quant
+    opened.close()
+    kwargs.setdefault("weight_format", "bf16" if quant == "none" else quant)
     model = load_offloaded(store, memory_budget=budget, max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs)
     engine = model.offload_engine
     with replay_trace(model, trace) if trace is not None else contextlib.nullcontext():
