@@ -285,10 +285,35 @@ inline __attribute__((always_inline)) float dot_int4(const uint8_t* c, const SZ*
   }
   s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum256(bias);
 #elif defined(__AVX2__)
+  // Eight groups a step: their scales and zeros are widened and de-interleaved as vectors, the activation block
+  // scales and the zero term applied eight at a time; each group's products meet its lane of the scale vector.
+  static_assert(sizeof(SZ) == 2, "the AVX2 int4 kernel reads bf16 scales");
   const __m128i nib = _mm_set1_epi8(0xF);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i fix = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), biasv = _mm256_setzero_ps();
   float bias = 0.f;
+  auto widen = [](__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); };
+  for (; g + 8 <= G; g += 8) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 2));  // s0 z0 .. s7 z7
+    const __m256 a = widen(_mm256_castsi256_si128(raw)), b = widen(_mm256_extracti128_si256(raw, 1));
+    const __m256 sc = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), fix);
+    const __m256 zr = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)), fix);
+    biasv = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), sc, zr), _mm256_loadu_ps(p.sum.data() + g), biasv);
+    const __m256 cs = _mm256_mul_ps(sc, _mm256_loadu_ps(p.d.data() + g));
+    for (int j = 0; j < 8; ++j) {
+      const __m128i bt = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + (g + j) * 16));
+      const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bt, 4), nib), _mm_and_si128(bt, nib));
+      const __m256i pr = _mm256_maddubs_epi16(
+          codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.q.data() + (g + j) * kBlock)));
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones));
+      const __m256 scale = _mm256_permutevar8x32_ps(cs, _mm256_set1_epi32(j));
+      if (j & 1)
+        acc1 = _mm256_fmadd_ps(f, scale, acc1);
+      else
+        acc0 = _mm256_fmadd_ps(f, scale, acc0);
+    }
+  }
   for (; g < G; ++g) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
     const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
@@ -296,11 +321,9 @@ inline __attribute__((always_inline)) float dot_int4(const uint8_t* c, const SZ*
     const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones));
     const float scale = static_cast<float>(sz[g * 2]), zero = static_cast<float>(sz[g * 2 + 1]);
     bias += (zero - 8.f * scale) * p.sum[g];
-    if (g & 1)
-      acc1 = _mm256_fmadd_ps(f, _mm256_set1_ps(scale * p.d[g]), acc1);
-    else
-      acc0 = _mm256_fmadd_ps(f, _mm256_set1_ps(scale * p.d[g]), acc0);
+    acc0 = _mm256_fmadd_ps(f, _mm256_set1_ps(scale * p.d[g]), acc0);
   }
+  bias += hsum256(biasv);
   s = hsum256(_mm256_add_ps(acc0, acc1)) + bias;
 #endif
   for (; g < G; ++g)
