@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallthinker.inference import attention, native
-from smallthinker.inference.quant import quantize_int8_rows
+from smallthinker.inference.quant import int8_linear, quantize_int8_rows
 from smallthinker.modeling.modeling_smallthinker import (
     SmallThinkerExperts,
     SmallThinkerForCausalLM,
@@ -142,11 +142,25 @@ def quantize_activations_q8(x_TK: torch.Tensor, block: int = 32) -> torch.Tensor
     return (torch.round(xb * inv[..., None]) * d[..., None]).reshape(t, k)
 
 
+def native_int8_takes(q_NK: torch.Tensor) -> bool:
+    """Whether the native int8 kernel can multiply this matrix here (its activation blocks need K % 32 == 0)."""
+    return native.available() and q_NK.shape[1] % ACT_BLOCK == 0
+
+
+def native_bf16_decode(x_TK: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` goes to the native bf16 matrix-vector kernel: decode-sized, bf16 both, available."""
+    return (
+        x_TK.shape[0] <= NATIVE_DECODE_ROWS
+        and x_TK.dtype == weight.dtype == torch.bfloat16
+        and native.available()
+    )
+
+
 def int8_matmul(x_TK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
     """`x @ dequant(q).T` -> [T, N] in x's dtype: the native kernel for decode, torch's int8 GEMM for more rows."""
-    if x_TK.shape[0] <= NATIVE_DECODE_ROWS and native.available() and q_NK.shape[1] % ACT_BLOCK == 0:
+    if x_TK.shape[0] <= NATIVE_DECODE_ROWS and native_int8_takes(q_NK):
         return native.ops().gemv_int8(x_TK, q_NK, scale_N)
-    return torch._weight_int8pack_mm(x_TK, q_NK, scale_N.to(x_TK.dtype))
+    return int8_linear(x_TK, q_NK, scale_N)
 
 
 def int4_matmul(x_TK: torch.Tensor, codes_packed: torch.Tensor, sz_NG2: torch.Tensor) -> torch.Tensor:
@@ -231,7 +245,7 @@ class QuantizedMatrix(nn.Module):
         if path == "portable":
             return F.linear(x_TK, self.dequantize().to(self.compute_dtype))
         if fmt == "bf16":
-            if path == "native" and x_TK.shape[0] <= NATIVE_DECODE_ROWS:
+            if path == "native" and native_bf16_decode(x_TK, self.weight):
                 return native.ops().gemv_bf16(x_TK, self.weight)
             if path == "onednn":
                 return torch.ops.mkldnn._linear_pointwise(
@@ -337,14 +351,9 @@ class DecodeRouter(SmallThinkerRouter):
     and output recording still find it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (
-            rows <= NATIVE_DECODE_ROWS
-            and x.dtype == self.weight.dtype == torch.bfloat16
-            and native.available()
-        ):
-            y = native.ops().gemv_bf16(x.reshape(rows, x.shape[-1]), self.weight)
-            return y.reshape(*x.shape[:-1], self.out_features)
+        x_TH = x.reshape(-1, x.shape[-1])
+        if native_bf16_decode(x_TH, self.weight):
+            return native.ops().gemv_bf16(x_TH, self.weight).reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
 

@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from smallthinker.inference import native
-from smallthinker.inference.formats import NATIVE_DECODE_ROWS, int4_matmul, int8_matmul
+from smallthinker.inference.formats import (
+    int4_matmul,
+    int8_matmul,
+    native_bf16_decode,
+    native_int8_takes,
+)
 
 DEFAULT_SPARSE_THRESHOLD = 0.4  # live-neuron fraction below which the sparse path is used, if not calibrated
 
@@ -40,12 +45,11 @@ def project(x_TH: torch.Tensor, w: dict[str, torch.Tensor], name: str, rows: tor
         q, scale = w[f"{name}_q"], w[f"{name}_scale"]
         if rows is None:
             return int8_matmul(x_TH, q, scale)
-        if native.available() and q.shape[1] % 32 == 0:
+        if native_int8_takes(q):
             return native.ops().gemv_int8(x_TH, q, scale, rows)
         return int8_matmul(x_TH, q.index_select(0, rows), scale[rows])
     weight = w[name]
-    fast = native.available() and weight.dtype == x_TH.dtype == torch.bfloat16
-    if fast and x_TH.shape[0] <= NATIVE_DECODE_ROWS:
+    if native_bf16_decode(x_TH, weight):
         return native.ops().gemv_bf16(x_TH, weight, rows)
     return F.linear(x_TH, weight if rows is None else weight.index_select(0, rows))
 

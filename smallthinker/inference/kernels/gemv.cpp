@@ -494,9 +494,7 @@ Tensor gemv_int4(const Tensor& x, const Tensor& codes, const Tensor& sz, const c
 // y [1, K] = sum_i h[i] * W[rows[i], :], W [F, K] with only the listed rows read.
 Tensor axpy_rows(const Tensor& h, const Tensor& w, const Tensor& rows, const c10::optional<Tensor>& scale) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "axpy_rows: w must be a contiguous [F, K] matrix");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
-              "axpy_rows: rows must be a contiguous 1-d int64 tensor");
-  check_rows(rows, w.size(0), "axpy_rows");
+  check_rows(rows, w.size(0), "axpy_rows");  // int64, 1-d, contiguous, in range
   TORCH_CHECK(h.numel() == rows.numel(), "axpy_rows: one coefficient per row");
   const int64_t K = w.size(1), R = rows.numel();
   const Tensor hf = h.to(at::kFloat).contiguous();
