@@ -386,9 +386,12 @@ def quantize_model(
     fmt: str,
     group_size: int = DEFAULT_GROUP_SIZE,
     compute_dtype: torch.dtype = torch.bfloat16,
+    native_decode: bool = True,
 ) -> SmallThinkerForCausalLM:
     """Convert the experts, the attention projections and the LM head of `model` to `fmt`, in place; the rest of
     the model (routers, norms, embedding table) is cast to `compute_dtype`, the dtype everything then runs in.
+    With the native kernels (and `native_decode`), single-token generation steps then run in one native call
+    (`decoder.NativeDecodeForCausalLM`).
 
     A tied LM head gets its own copy in `fmt`; the embedding lookup keeps the table. Experts already replaced by
     the offload engine are left to its store's format. Quantisation reads the weights in their original dtype.
@@ -407,6 +410,10 @@ def quantize_model(
     model.to(compute_dtype)
     model.set_attn_implementation(attention.NAME)  # decode without the flash-attention setup per layer
     model.weight_format = fmt
+    if native_decode:
+        from smallthinker.inference.decoder import enable_native_decode
+
+        enable_native_decode(model)
     return model
 
 

@@ -1,6 +1,7 @@
-"""Decode kernels compiled on this machine: `kernels/gemv.cpp`, built once with the machine's C++ compiler and
+"""Decode kernels compiled on this machine: `kernels/*.cpp`, built once with the machine's C++ compiler and
 `-march=native` (so the AVX-512 / VNNI / BF16 or the AVX2 branch is the one this CPU has) and loaded as torch ops
-(`torch.ops.smallthinker.gemv_bf16`, `gemv_int8`, `gemv_int4`, `axpy_rows`).
+(`torch.ops.smallthinker.gemv_bf16`, `gemv_int8`, `gemv_int4`, `axpy_rows`, `moe_decode`) and the whole-step
+decoder class (`torch.classes.smallthinker.Decoder`, driven by `decoder.NativeDecoder`).
 
 They exist because decode is a matrix-vector product bound by memory bandwidth, and PyTorch's weight-only kernels
 stream int8 / int4 weights at a fraction of it (scripts.bench_kernels). Everything has a pure-PyTorch fallback:
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "gemv.cpp"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "gemv.cpp", KERNELS / "decoder.cpp")
+HEADERS = (KERNELS / "simd.h",)
 NAMESPACE = "smallthinker"
 # Tokens the matrix-vector kernels take in one call: a decode step (1) and small batches. Prefill goes to GEMMs.
 MAX_TOKENS = 16
@@ -82,7 +85,7 @@ def build_command(cxx: str, out: Path, march: str, namespace: str) -> list[str]:
         f"-DKERNEL_NAMESPACE={namespace}",
         *(f"-I{p}" for p in include_paths()),
         f"-I{sysconfig.get_paths()['include']}",
-        str(SOURCE), "-o", str(out),
+        *(str(s) for s in SOURCES), "-o", str(out),
         f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
@@ -93,7 +96,8 @@ def build(march: str = "native", namespace: str = NAMESPACE) -> Path:
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__, version, march, namespace, _cpu_flags()):
+    sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
+    for part in (*sources, torch.__version__, version, march, namespace, _cpu_flags()):
         key.update(part.encode() if isinstance(part, str) else part)
     out = cache_dir() / f"gemv-{namespace}-{march}-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -105,7 +109,7 @@ def build(march: str = "native", namespace: str = NAMESPACE) -> Path:
         done = subprocess.run(build_command(cxx, tmp_out, march, namespace), capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KernelBuildError(f"{cxx} failed to compile {SOURCE.name}: {last}")
+            raise KernelBuildError(f"{cxx} failed to compile the kernels in {KERNELS}: {last}")
         os.replace(tmp_out, out)
     return out
 
