@@ -38,6 +38,7 @@ from transformers import DynamicCache
 
 from scripts.bench_offload import write_random_checkpoint
 from smallthinker.inference import native
+from smallthinker.inference.decoder import NativeDecodeForCausalLM, NativeKVCache
 from smallthinker.inference.formats import FORMATS, quantize_model
 from smallthinker.inference.quality import compare_formats, format_quality_table, load_token_sequences
 from smallthinker.inference.stats import isa_flags
@@ -70,14 +71,20 @@ def write_tokenizer(ckpt: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Ours
 # ------------------------------------------------------------------------------------------------
+def new_cache(model: SmallThinkerForCausalLM, per_op: bool = False) -> DynamicCache | NativeKVCache:
+    """The cache `generate()` would use: the native one where the model has the native step (or the per-op
+    path's `DynamicCache` when `per_op`)."""
+    if isinstance(model, NativeDecodeForCausalLM) and not per_op:
+        return NativeKVCache(model.config)
+    return DynamicCache(config=model.config)
+
+
 @torch.no_grad()
-def time_ours(model: SmallThinkerForCausalLM, ids: list[int]) -> tuple[float, float]:
+def time_ours(model: SmallThinkerForCausalLM, ids: list[int], per_op: bool = False) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of greedy batch-1 generation with a KV cache."""
     prompt = torch.tensor([ids])
-    cache = DynamicCache(config=model.config)
-    model(
-        prompt[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True
-    )  # warm the kernels
+    cache = new_cache(model, per_op)
+    model(prompt[:, :4], past_key_values=new_cache(model, per_op), use_cache=True)  # warm the kernels
     start = time.perf_counter()
     # Logits of the last position only, as generation (and llama.cpp's eval) computes them.
     logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -111,17 +118,29 @@ def median_row(system: str, fmt: str, threads: int, runs: list[tuple[float, floa
 
 
 def run_pair(
-    model: SmallThinkerForCausalLM, gguf: Path | None, fmt: str, threads: int, ids: list[int], rounds: int
+    model: SmallThinkerForCausalLM,
+    gguf: Path | None,
+    fmt: str,
+    threads: int,
+    ids: list[int],
+    rounds: int,
+    per_op: bool = True,
 ) -> list[dict]:
     """Ours and llama.cpp on the same bits, alternating round by round, so that the load of a shared machine hits
-    both alike; medians over the rounds."""
+    both alike; medians over the rounds. `per_op`: also our per-op decode path (a `DynamicCache`) in the rounds."""
     torch.set_num_threads(threads)
-    ours, llama = [], []
+    ours, ours_per_op, llama = [], [], []
+    per_op = per_op and isinstance(model, NativeDecodeForCausalLM)
     for _ in range(rounds):
         ours.append(time_ours(model, ids))
+        if per_op:
+            ours_per_op.append(time_ours(model, ids, per_op=True))
         if gguf is not None:
             llama.append(time_llama(gguf, threads, ids))
-    rows = [median_row(f"ours, resident {fmt}", fmt, threads, ours)]
+    step = "native step" if isinstance(model, NativeDecodeForCausalLM) else "per-op"
+    rows = [median_row(f"ours, resident {fmt} ({step})", fmt, threads, ours)]
+    if per_op:
+        rows.append(median_row(f"ours, resident {fmt} (per-op)", fmt, threads, ours_per_op))
     if gguf is not None:
         rows.append(median_row(f"llama.cpp {LLAMA_TYPES[fmt]}", fmt, threads, llama))
     return rows
@@ -141,7 +160,7 @@ def run_default(ckpt: Path, threads: int, ids: list[int]) -> dict:
 @torch.no_grad()
 def decode_step_ms(model: SmallThinkerForCausalLM) -> float:
     """Median time of one decode step after an 8-token prompt."""
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     model(torch.tensor([list(range(8))]), past_key_values=cache, use_cache=True)
     times = []
     for i in range(WARMUP + DECODE_TOKENS):
@@ -279,7 +298,7 @@ def overhead_table(overheads: list[dict], rows: list[dict], num_layers: int) -> 
     full = {
         (r["format"], r["threads"]): 1e3 / r["decode"]
         for r in rows
-        if r["system"].startswith("ours, resident")
+        if r["system"].startswith("ours, resident") and "(per-op)" not in r["system"]
     }
     lines = [
         f"\nPer-token overhead: (layer step - its weight kernels) x {num_layers} layers + the once-per-step part",
@@ -317,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         "--llama-cpp-src", default=None, help="llama.cpp source tree with convert_hf_to_gguf.py"
     )
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--no-per-op", action="store_true", help="skip the rows of our per-op decode path (DynamicCache)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the default-experts bf16 row")
     parser.add_argument(
         "--overhead-only",
@@ -365,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             overheads.append(per_token_overhead(args.preset, fmt, threads))
         model = load_ours(ckpt, fmt)
         for threads in thread_counts:
-            for row in run_pair(model, ggufs.get(fmt), fmt, threads, ids, args.rounds):
+            pair = run_pair(model, ggufs.get(fmt), fmt, threads, ids, args.rounds, not args.no_per_op)
+            for row in pair:
                 record(row, rows)
         del model
         gc.collect()

@@ -153,7 +153,9 @@ def _matrix_tensors(m) -> tuple[torch.Tensor, torch.Tensor]:
 class NativeDecoder:
     """The C++ decoder (`torch.classes.smallthinker.Decoder`) bound to a converted model's weights (no copies)."""
 
-    def __init__(self, model: SmallThinkerForCausalLM) -> None:
+    def __init__(self, model: SmallThinkerForCausalLM, namespace: str = native.NAMESPACE) -> None:
+        """`namespace`: the op library the class is taken from (`native.load(march, namespace)`; tests load
+        every SIMD branch under its own)."""
         from smallthinker.inference.formats import QuantizedExperts
 
         if not native_decode_supported(model):
@@ -173,7 +175,7 @@ class NativeDecoder:
             int(bool(config.moe_primary_router_apply_softmax)),
         ]
         head_w, head_aux = _matrix_tensors(model.lm_head)
-        self.impl = torch.classes.smallthinker.Decoder(
+        self.impl = getattr(torch.classes, namespace).Decoder(
             ints,
             float(config.rms_norm_eps),
             inner.rotary_emb.inv_freq.float(),
@@ -246,10 +248,28 @@ class NativeDecodeForCausalLM(SmallThinkerForCausalLM):
             generation_config, model_kwargs, generation_mode, batch_size, *args
         )
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SmallThinkerCausalLMOutput:
+        # The parent's full signature: `generate` reads it to decide what to pass (`logits_to_keep` among them).
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
-        if self._native_step_applies(input_ids, attention_mask, position_ids, cache, kwargs):
+        if (
+            inputs_embeds is None
+            and labels is None
+            and not output_router_logits
+            and self._native_step_applies(input_ids, attention_mask, position_ids, cache, kwargs)
+        ):
             logits = self.native_decoder.step(int(input_ids.reshape(-1)[0]), cache)
             return SmallThinkerCausalLMOutput(logits=logits, cache=cache)
         return super().forward(
@@ -257,6 +277,11 @@ class NativeDecodeForCausalLM(SmallThinkerForCausalLM):
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
@@ -265,9 +290,7 @@ class NativeDecodeForCausalLM(SmallThinkerForCausalLM):
             return False
         if self.training or torch.is_grad_enabled():  # the native step has no backward
             return False
-        if kwargs.get("inputs_embeds") is not None or kwargs.get("labels") is not None:
-            return False
-        if any(kwargs.get(k) for k in ("output_router_logits", "output_hidden_states", "output_attentions")):
+        if any(kwargs.get(k) for k in ("output_hidden_states", "output_attentions")):
             return False
         if self.config.output_router_logits:
             return False
