@@ -38,7 +38,7 @@ from transformers import DynamicCache
 
 from scripts.bench_offload import write_random_checkpoint
 from smallthinker.inference import native
-from smallthinker.inference.decoder import NativeDecodeForCausalLM, NativeKVCache
+from smallthinker.inference.decoder import NativeDecodeForCausalLM, NativeKVCache, decode_cache
 from smallthinker.inference.formats import FORMATS, quantize_model
 from smallthinker.inference.quality import compare_formats, format_quality_table, load_token_sequences
 from smallthinker.inference.stats import isa_flags
@@ -74,9 +74,7 @@ def write_tokenizer(ckpt: Path) -> None:
 def new_cache(model: SmallThinkerForCausalLM, per_op: bool = False) -> DynamicCache | NativeKVCache:
     """The cache `generate()` would use: the native one where the model has the native step (or the per-op
     path's `DynamicCache` when `per_op`)."""
-    if isinstance(model, NativeDecodeForCausalLM) and not per_op:
-        return NativeKVCache(model.config)
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=model.config) if per_op else decode_cache(model)
 
 
 @torch.no_grad()
@@ -158,63 +156,33 @@ def run_default(ckpt: Path, threads: int, ids: list[int]) -> dict:
 
 
 @torch.no_grad()
-def decode_step_ms(model: SmallThinkerForCausalLM) -> float:
-    """Median time of one decode step after an 8-token prompt."""
-    cache = new_cache(model)
+def per_token_overhead(preset: str, fmt: str, threads: int) -> dict:
+    """What a native decode step spends outside its weight kernels, on a one-layer model with the preset's layer
+    shapes (vocabulary 256): per layer, the C++ step minus its matrix products (attention, norms, RoPE, routing,
+    the cache write: the decoder's own clock); per step, the Python call around it (wall time minus the C++ step).
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = load_model_config(preset, num_hidden_layers=1, vocab_size=256)
+    model = quantize_model(SmallThinkerForCausalLM(config).eval(), fmt)
+    if not isinstance(model, NativeDecodeForCausalLM):
+        raise SystemExit(
+            "the per-token overhead is measured on the native step; build the native kernels first"
+        )
+    impl = model.native_decoder.impl
+    cache = decode_cache(model)
     model(torch.tensor([list(range(8))]), past_key_values=cache, use_cache=True)
-    times = []
+    wall = 0.0
     for i in range(WARMUP + DECODE_TOKENS):
+        if i == WARMUP:
+            impl.reset_timings()
+            wall = 0.0
         start = time.perf_counter()
         model(torch.tensor([[i % 200]]), past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[WARMUP:])
-
-
-@torch.no_grad()
-def layer_kernels_ms(model: SmallThinkerForCausalLM) -> float:
-    """Median time of one layer's weight kernels alone, called back to back on one token: q, k, v, o, the router
-    and two matrices of k experts drawn at random each time, as routing does (the same experts every time would
-    stay in the CPU caches and make the kernels look faster than they are in the model)."""
-    config, layer = model.config, model.model.layers[0]
-    gen = torch.Generator().manual_seed(0)
-    attn, experts = layer.self_attn, layer.block_sparse_moe.experts
-    router = layer.block_sparse_moe.primary_router
-    x = torch.randn(1, config.hidden_size, dtype=torch.bfloat16)
-    h = torch.randn(1, config.moe_ffn_hidden_size, dtype=torch.bfloat16)
-    o_in = torch.randn(1, config.num_attention_heads * config.head_dim, dtype=torch.bfloat16)
-    k, n = config.moe_num_active_primary_experts, config.moe_num_primary_experts
-    draws = [torch.randperm(n, generator=gen)[:k].tolist() for _ in range(WARMUP + DECODE_TOKENS)]
-    times = []
-    for picked in draws:
-        start = time.perf_counter()
-        for proj, inp in ((attn.q_proj, x), (attn.k_proj, x), (attn.v_proj, x), (attn.o_proj, o_in)):
-            proj.matmul(inp)
-        router(x)
-        for e in picked:
-            experts.gate_up[e].matmul(x), experts.down[e].matmul(h)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[WARMUP:])
-
-
-OVERHEAD_DEPTHS = (1, 4)  # two depths far enough apart that the per-layer difference stands out of the noise
-
-
-def per_token_overhead(preset: str, fmt: str, threads: int) -> dict:
-    """What a decode step adds to its weight kernels, from one- and four-layer models with the preset's layer
-    shapes (tiny vocabulary): per layer = (step(4) - step(1)) / 3 - kernels, once per step = step(1) - per-layer
-    step; scaled to the preset's depth and compared with a full step in the table."""
-    torch.set_num_threads(threads)
-    steps = {}
-    for layers in OVERHEAD_DEPTHS:
-        torch.manual_seed(0)
-        config = load_model_config(preset, num_hidden_layers=layers, vocab_size=256)
-        model = quantize_model(SmallThinkerForCausalLM(config).eval(), fmt)
-        steps[layers] = decode_step_ms(model)
-        kernels = layer_kernels_ms(model)
-    low, high = OVERHEAD_DEPTHS
-    layer = (steps[high] - steps[low]) / (high - low)
-    return {"format": fmt, "threads": threads, "layer_step_ms": layer, "layer_kernels_ms": kernels,
-            "fixed_ms": steps[1] - layer}  # fmt: skip
+        wall += time.perf_counter() - start
+    kernel_s, step_s, steps = impl.timings()
+    return {"format": fmt, "threads": threads, "kernels_ms": 1e3 * kernel_s / steps,
+            "layer_ms": 1e3 * (step_s - kernel_s) / steps, "call_ms": 1e3 * (wall - step_s) / steps}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,23 +262,26 @@ def table(rows: list[dict]) -> str:
 
 
 def overhead_table(overheads: list[dict], rows: list[dict], num_layers: int) -> str:
-    """Per-token overhead (step minus weight kernels, per layer, times the depth) against the full decode step."""
+    """Per-token overhead (outside the weight kernels, per layer, times the depth, plus the call) against the full
+    native decode step of the same format and threads."""
     full = {
         (r["format"], r["threads"]): 1e3 / r["decode"]
         for r in rows
-        if r["system"].startswith("ours, resident") and "(per-op)" not in r["system"]
+        if r["system"].startswith("ours, resident") and "(native step)" in r["system"]
     }
     lines = [
-        f"\nPer-token overhead: (layer step - its weight kernels) x {num_layers} layers + the once-per-step part",
-        "| format | threads | layer step ms | layer kernels ms | once per step ms | overhead per token ms | of a full step |",
+        f"\nPer-token overhead of the native step, one-layer model: (outside the kernels per layer) x {num_layers} "
+        "layers + the Python call",
+        "| format | threads | kernels ms (1 layer) | outside kernels ms / layer | call ms / step | overhead per token ms "
+        "| of a full step |",
         "|---|---|---|---|---|---|---|",
     ]
     for o in overheads:
-        per_token = num_layers * (o["layer_step_ms"] - o["layer_kernels_ms"]) + o["fixed_ms"]
+        per_token = num_layers * o["layer_ms"] + o["call_ms"]
         step = full.get((o["format"], o["threads"]))
         share = f"{per_token / step:.1%}" if step else ""
-        lines.append(f"| {o['format']} | {o['threads']} | {o['layer_step_ms']:.3f} | {o['layer_kernels_ms']:.3f} | "
-                     f"{o['fixed_ms']:.3f} | {per_token:.2f} | {share} |")  # fmt: skip
+        lines.append(f"| {o['format']} | {o['threads']} | {o['kernels_ms']:.3f} | {o['layer_ms']:.3f} | "
+                     f"{o['call_ms']:.3f} | {per_token:.2f} | {share} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from smallthinker.inference import (
@@ -42,6 +42,7 @@ from smallthinker.inference import (
     parse_bytes,
     plan_for_store,
 )
+from smallthinker.inference.decoder import decode_cache
 from smallthinker.inference.io import ALIGNMENT, DirectFile, align_up, aligned_buffer, measure_read_bandwidth
 from smallthinker.inference.quality import load_token_sequences
 from smallthinker.inference.routing import (
@@ -153,7 +154,7 @@ def decode_tokens_per_s(model, tokens: int, warmup: int = 2, between=None, on_wa
     """Greedy batch-1 decode with a KV cache; times ``tokens`` single-token forwards after ``warmup`` ones."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 1000, (1, PROMPT_LEN), generator=gen)
-    cache = DynamicCache(config=model.config)
+    cache = decode_cache(model)  # what generate() uses: the native step's buffers where it has one
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
     start = None
     for step in range(warmup + tokens):

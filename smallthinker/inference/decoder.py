@@ -15,8 +15,10 @@ path's up to fp32 summation order (tests/inference/test_decoder.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from smallthinker.inference import native
 from smallthinker.modeling import SmallThinkerConfig, SmallThinkerForCausalLM
@@ -150,10 +152,23 @@ def _matrix_tensors(m) -> tuple[torch.Tensor, torch.Tensor]:
     return m.qweight, m.scales_zeros
 
 
-class NativeDecoder:
-    """The C++ decoder (`torch.classes.smallthinker.Decoder`) bound to a converted model's weights (no copies)."""
+# An offloaded model's per-layer step: (decoder class instance, layer, position) -> None; it routes, brings the
+# experts in, and runs attention and the experts (`engine.OffloadEngine.native_layer`).
+LayerStep = Callable[[object, int, int], None]
 
-    def __init__(self, model: SmallThinkerForCausalLM, namespace: str = native.NAMESPACE) -> None:
+
+class NativeDecoder:
+    """The C++ decoder (`torch.classes.smallthinker.Decoder`) bound to a converted model's weights (no copies).
+
+    Resident experts: a step is one call. Offloaded experts: `layer_step` runs each layer, fetching the experts
+    between routing and attention's end."""
+
+    def __init__(
+        self,
+        model: SmallThinkerForCausalLM,
+        namespace: str = native.NAMESPACE,
+        layer_step: LayerStep | None = None,
+    ) -> None:
         """`namespace`: the op library the class is taken from (`native.load(march, namespace)`; tests load
         every SIMD branch under its own)."""
         from smallthinker.inference.formats import QuantizedExperts
@@ -203,6 +218,9 @@ class NativeDecoder:
             window = config.sliding_window_size if config.sliding_window_layout[i] else 0
             self.impl.add_layer(tensors, int(bool(config.rope_layout[i])), int(window))
         self.num_layers = config.num_hidden_layers
+        self.layer_step = layer_step
+        if not self.resident_experts and layer_step is None:
+            raise ValueError("a model with offloaded experts needs the engine's layer_step for native decode")
 
     def bind(self, cache: NativeKVCache) -> None:
         """Point the decoder at `cache`'s buffers (after they were (re)allocated)."""
@@ -217,7 +235,13 @@ class NativeDecoder:
         moved = [layer.reserve(pos + 1) for layer in cache.layers]
         if any(moved) or cache._bound is not self:
             self.bind(cache)
-        logits = self.impl.step(int(token), pos)
+        if self.layer_step is None:
+            logits = self.impl.step(int(token), pos)
+        else:
+            self.impl.embed(int(token))
+            for layer in range(self.num_layers):
+                self.layer_step(self.impl, layer, pos)
+            logits = self.impl.head()
         for layer in cache.layers:
             layer.advance(pos + 1)
         return logits
@@ -305,13 +329,28 @@ class NativeDecodeForCausalLM(SmallThinkerForCausalLM):
         return True
 
 
-def enable_native_decode(model: SmallThinkerForCausalLM) -> bool:
-    """Give `model` the native decode step when its weights allow it here; whether it did."""
+def enable_native_decode(model: SmallThinkerForCausalLM, layer_step: LayerStep | None = None) -> bool:
+    """Give `model` the native decode step when its weights allow it here; whether it did. A model with offloaded
+    experts needs its engine's `layer_step` (without one it keeps the per-op path)."""
     if not native_decode_supported(model):
         return False
-    decoder = NativeDecoder(model)
-    if not decoder.resident_experts:
-        return False  # the offload engine drives its layers itself
+    offloaded = any(not _resident(layer.block_sparse_moe.experts) for layer in model.model.layers)
+    if offloaded and layer_step is None:
+        return False
+    decoder = NativeDecoder(model, layer_step=layer_step)
     model.__class__ = NativeDecodeForCausalLM
     model.native_decoder = decoder
     return True
+
+
+def _resident(experts) -> bool:
+    from smallthinker.inference.formats import QuantizedExperts
+
+    return isinstance(experts, QuantizedExperts)
+
+
+def decode_cache(model: SmallThinkerForCausalLM) -> Cache:
+    """The KV cache `generate()` gives one sequence of `model`: the native buffers where it has the native step."""
+    if isinstance(model, NativeDecodeForCausalLM):
+        return NativeKVCache(model.config)
+    return DynamicCache(config=model.config)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from smallthinker.inference.cache import CacheStats, ExpertCache
+from smallthinker.inference.decoder import enable_native_decode
 from smallthinker.inference.formats import quantize_model
 from smallthinker.inference.sparse import (
     DEFAULT_SPARSE_THRESHOLD,
@@ -215,6 +216,29 @@ class OffloadEngine:
         y = y * top_k_weights[token_idx, k_pos, None]
         out_TH.index_add_(0, token_idx, y.to(out_TH.dtype))
 
+    def native_layer(self, decoder, layer: int, pos: int) -> None:
+        """One layer of a native decode step (`decoder.NativeDecoder`): route, pin the experts and start their
+        reads, run attention while they load (after it, without `prefetch`), then the experts from their slots."""
+        experts = decoder.route(layer).tolist()
+        pinned = sorted(experts)  # the order the router hook pins them in
+        if not self.prefetch:
+            decoder.attend(layer, pos)
+        self.cache.acquire(layer, pinned)
+        if self.speculative and layer + 1 < len(self.routers):
+            next_logits = nn.functional.linear(decoder.hidden(), self.routers[layer + 1].weight)
+            self.cache.prefetch(layer + 1, self._top_experts(next_logits))
+        if self.prefetch:
+            decoder.attend(layer, pos)
+        start = time.perf_counter()
+        if layer == 0:
+            self.tokens += 1
+        try:
+            records = [self.cache.get(layer, e) for e in experts]
+            decoder.moe_with([t for w in records for t in record_tensors(w)], "down_t" in records[0])
+        finally:
+            self.cache.release(layer, pinned)
+        self.moe_s += time.perf_counter() - start
+
     def stats(self) -> dict[str, float]:
         """Cache hit rate, bytes read per token, I/O wait vs compute time, prefetch hits, peak RSS."""
         s = self.cache.stats
@@ -241,6 +265,16 @@ class OffloadEngine:
         for hook in self._hooks:
             hook.remove()
         self.cache.close()
+
+
+def record_tensors(w: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """An expert record's matrices as the native decoder takes them: gate, its aux, up, its aux, down, its aux."""
+    empty = torch.empty(0)
+    if "gate_q4" in w:
+        return [w[n] for n in ("gate_q4", "gate_sz", "up_q4", "up_sz", "down_q4", "down_sz")]
+    if "gate_q" in w:
+        return [w[n] for n in ("gate_q", "gate_scale", "up_q", "up_scale", "down_q", "down_scale")]
+    return [w["gate"], empty, w["up"], empty, w["down_t"], empty]
 
 
 class OffloadedExperts(nn.Module):
@@ -274,6 +308,7 @@ def load_offloaded(
     verify: bool = True,
     direct: bool = True,
     weight_format: str | None = None,
+    native_decode: bool = True,
 ) -> SmallThinkerForCausalLM:
     """Load a store written by ``convert_checkpoint`` under ``memory_budget``; ``model.offload_engine.stats()``.
 
@@ -282,7 +317,8 @@ def load_offloaded(
     always computes experts densely. ``verify`` checks each expert's crc32 the first
     time it is read. ``weight_format`` ("bf16", "int8", "int4": the store's expert format) also converts the
     attention projections and the LM head, so the model equals the resident ``formats.quantize_model(model, fmt)``;
-    None leaves them as stored.
+    None leaves them as stored. With a `weight_format` and the native kernels (and `native_decode`), single-token
+    steps run natively (`decoder.NativeDecoder`), the engine bringing each layer's experts in during its attention.
     """
     path = Path(path)
     plan = plan_for_store(path, memory_budget, max_context, overhead)  # fail fast, before allocating
@@ -307,6 +343,9 @@ def load_offloaded(
     _materialize(model, resident)
     if weight_format is not None:
         quantize_model(model, weight_format)
+        # Single-token steps in one native pass per layer, the experts coming from the cache (when built here).
+        if native_decode and enable_native_decode(model, engine.native_layer):
+            model.native_decoder.impl.set_sparse_threshold(threshold)
     model.offload_engine = engine
     return model.eval()
 

@@ -137,3 +137,53 @@ def test_bad_input_is_a_clear_error():
         fast.native_decoder.step(999, cache)
     with pytest.raises(ValueError, match="NativeKVCache holds one sequence"):
         cache.layers[0].update(torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32))
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    from tests.inference.conftest import build_checkpoint
+
+    root = tmp_path_factory.mktemp("native-offload")
+    model, _ = build_checkpoint("tiny-21b-style", root)
+    ckpt = root / "ckpt-bf16"
+    model.to(torch.bfloat16).save_pretrained(ckpt)
+    return root, ckpt
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_offloaded_native_step_follows_the_per_op_offload(bf16_checkpoint, fmt, sparse):
+    """The engine feeds the native step each layer's experts from its cache (a budget of a few experts, so they
+    are read from disk during the test); neuron-sparse (every expert, threshold 1) or dense."""
+    from smallthinker.inference import load_offloaded
+    from smallthinker.inference.engine import minimum_budget
+    from smallthinker.inference.store import ExpertStore, convert_checkpoint
+
+    root, ckpt = bf16_checkpoint
+    store = root / f"store-{fmt}"
+    if not store.exists():
+        convert_checkpoint(ckpt, store, quant="none" if fmt == "bf16" else fmt)
+    record = ExpertStore(store, direct=False).record_bytes
+    budget = minimum_budget(store, max_context=64) + 6 * record  # slots for top-k + 6 of the 4 x 16 experts
+    kwargs = dict(memory_budget=budget, max_context=64, weight_format=fmt, sparse=sparse)
+    if sparse:
+        kwargs["sparse_threshold"] = 1.0
+    fast = load_offloaded(store, **kwargs)
+    reference = load_offloaded(store, native_decode=False, **kwargs)
+    try:
+        assert isinstance(fast, NativeDecodeForCausalLM) and type(reference) is SmallThinkerForCausalLM
+        prompt = torch.tensor([[3, 14, 15, 92, 65]])
+        cache = NativeKVCache(fast.config)
+        with torch.no_grad():
+            fast(prompt, past_key_values=cache, use_cache=True)
+        compare(reference, lambda token: fast.native_decoder.step(token, cache), prompt)
+        stats = fast.offload_engine.stats()
+        assert stats["tokens"] >= STEPS and stats["loads"] > 0 and stats["bytes_read"] > 0
+        assert 0 < stats["hit_rate"] < 1
+        # generate() takes the native step and gives the per-op offloaded model's tokens.
+        gen = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        with torch.no_grad():
+            assert torch.equal(fast.generate(prompt, **gen), reference.generate(prompt, **gen))
+    finally:
+        fast.offload_engine.close()
+        reference.offload_engine.close()

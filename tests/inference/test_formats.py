@@ -1,6 +1,7 @@
 """Weight formats: every kernel path against its portable reference and against the eager model.
 
-Tolerances: the bf16 format is the bf16 eager model bit for bit; int8 and int4 kernels match the dequantised
+Tolerances: the bf16 format is the bf16 eager model bit for bit (a prompt up to bf16 rounding on CPUs without
+native bf16, where its GEMMs run in fp32); int8 and int4 kernels match the dequantised
 matrix to bf16 rounding and, for the native decode kernels, int8 activation rounding (relative error < 1 %); the
 quantisation error itself is bounded per format. tests/inference/test_native.py holds the native kernels to
 their exact reference.
@@ -20,6 +21,7 @@ from smallthinker.inference.formats import (
     FORMATS,
     QuantizedExperts,
     QuantizedMatrix,
+    native_bf16,
     quantize_int4_groups,
     quantize_model,
     weight_bytes_per_token,
@@ -86,7 +88,12 @@ def test_bf16_format_is_the_bf16_eager_model():
     converted = quantize_model(tiny_model(), "bf16")
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
-        assert torch.equal(converted(ids).logits, reference(ids).logits)
+        got, want = converted(ids).logits, reference(ids).logits
+        if native_bf16():
+            assert torch.equal(got, want)
+        else:  # a prompt's GEMMs run in fp32 here (FP32_PREFILL_MIN_ROWS): the same up to bf16 rounding
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert torch.equal(converted(ids[:1, :1]).logits, reference(ids[:1, :1]).logits)  # the decode path
 
 

@@ -16,8 +16,10 @@
 #include "simd.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/topk.h>
 #include <torch/custom_class.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -78,6 +80,26 @@ Mat make_mat(const Tensor& w, const Tensor& aux, int64_t e, const char* what) {
   return r;
 }
 
+// Rows [start, start + n) of m (the gate and the up half of a stacked gate_up matrix).
+Mat row_slice(Mat m, int64_t start, int64_t n) {
+  const int64_t K = m.K;
+  if (m.bf) m.bf += start * K;
+  if (m.q8) m.q8 += start * K;
+  if (m.scale_f) m.scale_f += start;
+  if (m.scale_b) m.scale_b += start;
+  if (m.codes) m.codes += start * (K / 2);
+  if (m.sz) m.sz += start * (K / kBlock) * 2;
+  m.N = n;
+  return m;
+}
+
+// One routed expert: gate and up [F, H]; down [H, F], or its transpose [F, H] (bf16 store records keep it so
+// that the live neurons' rows of it are contiguous).
+struct Expert {
+  Mat gate, up, down;
+  bool down_t = false;
+};
+
 // One input vector, in every form the weight kinds want (bf16 bits, fp32, q8 for int8 and for int4).
 struct Act {
   std::vector<float> f;
@@ -111,12 +133,13 @@ inline float dot(const Mat& m, int64_t n, const Act& a) {
   }
 }
 
-// y[i] = bf16(W[row0 + i] . x) for i < n: several matrices in one parallel region.
+// y[i] = bf16(W[r_i] . x) for i < n, r_i = rows[i] if given else row0 + i: several matrices in one parallel region.
 struct Job {
   const Mat* m;
   const Act* a;
   float* y;
   int64_t row0, n;
+  const int64_t* rows = nullptr;
 };
 
 void run(const std::vector<Job>& jobs) {
@@ -132,7 +155,8 @@ void run(const std::vector<Job>& jobs) {
     for (int64_t i = b; i < e; ++i) {
       while (i >= start[j + 1]) ++j;
       const Job& job = jobs[j];
-      job.y[i - start[j]] = round_bf16(dot(*job.m, job.row0 + i - start[j], *job.a));
+      const int64_t r = job.rows ? job.rows[i - start[j]] : job.row0 + i - start[j];
+      job.y[i - start[j]] = round_bf16(dot(*job.m, r, *job.a));
     }
   });
 }
@@ -146,7 +170,8 @@ bool wants(const std::vector<const Mat*>& ms, Mat::Kind k) {
 struct Layer {
   std::vector<float> in_norm, post_norm;
   Mat router, q, k, v, o;
-  Tensor gate_up, gate_up_aux, down, down_aux;  // resident experts, stacked [E, ...]; undefined when offloaded
+  bool resident = false;  // experts held here, stacked [E, ...] (else an expert cache hands them over per step)
+  Mat gate_up, down;      // the stacks seen as [E * 2F, H] and [E * H, F]: expert e is a block of rows
   bool rope = true;
   int64_t window = 0;  // 0: full attention
 };
@@ -197,8 +222,12 @@ class Decoder : public torch::CustomClassHolder {
                     l.o.N == H_ && l.o.K == heads_ * D_,
                 "Decoder: attention projections do not match the model's shapes");
     if (t[11].defined() && t[11].numel() > 0) {
-      l.gate_up = t[11], l.gate_up_aux = t[12], l.down = t[13], l.down_aux = t[14];
-      TORCH_CHECK(l.gate_up.size(0) == E_ && l.down.size(0) == E_, "Decoder: expert stacks must have E entries");
+      TORCH_CHECK(t[11].dim() == 3 && t[13].dim() == 3 && t[11].size(0) == E_ && t[13].size(0) == E_,
+                  "Decoder: expert stacks must be [E, 2F, ..] and [E, H, ..]");
+      auto flat = [](const Tensor& x) { return x.numel() ? x.flatten(0, 1) : x; };
+      l.gate_up = make_mat(flat(t[11]), flat(t[12]), -1, "gate_up");
+      l.down = make_mat(flat(t[13]), flat(t[14]), -1, "down");
+      l.resident = true;
     }
     l.rope = rope != 0;
     l.window = window;
@@ -220,20 +249,27 @@ class Decoder : public torch::CustomClassHolder {
 
   // The whole step: logits [1, 1, V] bf16 of token `token` at position `pos`.
   Tensor step(int64_t token, int64_t pos) {
+    const auto start = Clock::now();
     embed(token);
     for (int64_t l = 0; l < static_cast<int64_t>(layers_.size()); ++l) {
       select(l);
       attend(l, pos);
       const Layer& L = layers_[l];
-      TORCH_CHECK(L.gate_up.defined(), "Decoder.step: layer ", l, " has no resident experts");
-      std::vector<Mat> gu, dn;
+      TORCH_CHECK(L.resident, "Decoder.step: layer ", l, " has no resident experts");
+      const int64_t F2 = L.gate_up.N / E_, Hd = L.down.N / E_;
+      std::vector<Expert> ex(top_k_);
       for (int64_t i = 0; i < top_k_; ++i) {
-        gu.push_back(make_mat(L.gate_up, L.gate_up_aux, experts_[i], "gate_up"));
-        dn.push_back(make_mat(L.down, L.down_aux, experts_[i], "down"));
+        const int64_t e = experts_[i];
+        ex[i].gate = row_slice(L.gate_up, e * F2, F2 / 2);
+        ex[i].up = row_slice(L.gate_up, e * F2 + F2 / 2, F2 / 2);
+        ex[i].down = row_slice(L.down, e * Hd, Hd);
       }
-      moe(gu, dn);
+      moe(ex);
     }
-    return head();
+    Tensor logits = head();
+    step_s_ += seconds_since(start);
+    ++steps_;
+    return logits;
   }
 
   // --- the same step in pieces, for callers that fetch the experts themselves -----------------------------------
@@ -256,14 +292,22 @@ class Decoder : public torch::CustomClassHolder {
     Act ax;
     ax.set(x_.data(), H_, false, false);
     std::vector<float> logits(E_);
-    run({{&L.router, &ax, logits.data(), 0, E_}});
-    // Top-k of the bf16 logits (larger first, lower index first among equals), then the weights in the
-    // precision the model computes them: sigmoid in bf16 renormalised to sum 1, or softmax in fp32, cast to bf16.
+    kernels({{&L.router, &ax, logits.data(), 0, E_}});
+    // Top-k of the bf16 logits, then the weights in the precision the model computes them: sigmoid in bf16
+    // renormalised to sum 1, or softmax in fp32, cast to bf16. Where the k-th and the next logit are equal (bf16
+    // ties are not rare), torch.topk itself decides, so that the experts are the model's own choice.
     std::vector<int64_t> idx(E_);
     for (int64_t e = 0; e < E_; ++e) idx[e] = e;
-    std::partial_sort(idx.begin(), idx.begin() + top_k_, idx.end(), [&](int64_t a, int64_t b) {
+    const int64_t sorted = std::min(E_, top_k_ + 1);
+    std::partial_sort(idx.begin(), idx.begin() + sorted, idx.end(), [&](int64_t a, int64_t b) {
       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
     });
+    if (sorted > top_k_ && logits[idx[top_k_ - 1]] == logits[idx[top_k_]]) {
+      Tensor t = at::empty({1, E_}, at::kBFloat16);
+      for (int64_t e = 0; e < E_; ++e) t.data_ptr<c10::BFloat16>()[e] = c10::BFloat16(logits[e]);
+      const Tensor chosen = std::get<1>(at::topk(t, top_k_, -1)).contiguous();
+      std::copy(chosen.data_ptr<int64_t>(), chosen.data_ptr<int64_t>() + top_k_, idx.begin());
+    }
     experts_.assign(idx.begin(), idx.begin() + top_k_);
     weights_.assign(top_k_, 0.f);
     if (softmax_) {
@@ -296,7 +340,7 @@ class Decoder : public torch::CustomClassHolder {
     ah.set(hn.data(), H_, wants(qkv, Mat::kInt8), wants(qkv, Mat::kInt4));
     const int64_t Q = heads_ * D_, KV = kv_heads_ * D_;
     std::vector<float> q(Q), k(KV), v(KV);
-    run({{&L.q, &ah, q.data(), 0, Q}, {&L.k, &ah, k.data(), 0, KV}, {&L.v, &ah, v.data(), 0, KV}});
+    kernels({{&L.q, &ah, q.data(), 0, Q}, {&L.k, &ah, k.data(), 0, KV}, {&L.v, &ah, v.data(), 0, KV}});
     if (L.rope) {
       rope(q.data(), heads_, pos);
       rope(k.data(), kv_heads_, pos);
@@ -315,26 +359,36 @@ class Decoder : public torch::CustomClassHolder {
     Act aa;
     aa.set(attn.data(), Q, L.o.kind == Mat::kInt8, L.o.kind == Mat::kInt4);
     std::vector<float> o(H_);
-    run({{&L.o, &aa, o.data(), 0, H_}});
+    kernels({{&L.o, &aa, o.data(), 0, H_}});
     for (int64_t h = 0; h < H_; ++h) x_[h] = round_bf16(x_[h] + o[h]);
     h2_.resize(H_);
     rms_norm(x_.data(), L.post_norm, h2_.data());
   }
 
-  // The routed experts of the current layer with weights from the caller, one [2F, H] and one [H, F] matrix per
-  // expert in routing order (the order `route` returned), and the residual add.
-  void moe_with(std::vector<Tensor> gate_up, std::vector<Tensor> gate_up_aux, std::vector<Tensor> down,
-                std::vector<Tensor> down_aux) {
-    TORCH_CHECK(static_cast<int64_t>(gate_up.size()) == top_k_ && down.size() == gate_up.size() &&
-                    gate_up_aux.size() == gate_up.size() && down_aux.size() == gate_up.size(),
-                "Decoder.moe_with: one gate_up, down and aux tensor per routed expert");
-    std::vector<Mat> gu, dn;
+  // The routed experts of the current layer with weights from the caller (an expert cache): per expert in routing
+  // order (the order `route` returned) six tensors, gate, its aux, up, its aux, down, its aux (aux: int8 scales,
+  // int4 scales-and-zeros, or empty for bf16); `down_t`: down is stored transposed [F, H] (bf16). Then the
+  // residual add.
+  void moe_with(std::vector<Tensor> t, bool down_t) {
+    TORCH_CHECK(static_cast<int64_t>(t.size()) == 6 * top_k_,
+                "Decoder.moe_with: six tensors (gate, aux, up, aux, down, aux) per routed expert");
+    std::vector<Expert> ex(top_k_);
     for (int64_t i = 0; i < top_k_; ++i) {
-      gu.push_back(make_mat(gate_up[i], gate_up_aux[i], -1, "gate_up"));
-      dn.push_back(make_mat(down[i], down_aux[i], -1, "down"));
+      ex[i].gate = make_mat(t[6 * i], t[6 * i + 1], -1, "gate");
+      ex[i].up = make_mat(t[6 * i + 2], t[6 * i + 3], -1, "up");
+      ex[i].down = make_mat(t[6 * i + 4], t[6 * i + 5], -1, "down");
+      ex[i].down_t = down_t;
     }
-    moe(gu, dn);
+    moe(ex);
   }
+
+  // [seconds in weight kernels, seconds in whole steps, steps] since the last reset: what a step spends outside
+  // its matrix products (attention, norms, routing, the call itself) is the difference.
+  std::vector<double> timings() { return {kernel_s_, step_s_, static_cast<double>(steps_)}; }
+  void reset_timings() { kernel_s_ = step_s_ = 0.0, steps_ = 0; }
+
+  // Live-neuron fraction up to which experts run neuron-sparse (0, the default: always dense).
+  void set_sparse_threshold(double t) { sparse_ = t; }
 
   // Final norm and LM head of the current hidden state: logits [1, 1, V] bf16.
   Tensor head() {
@@ -343,7 +397,7 @@ class Decoder : public torch::CustomClassHolder {
     Act a;
     a.set(hn.data(), H_, head_.kind == Mat::kInt8, head_.kind == Mat::kInt4);
     std::vector<float> logits(head_.N);
-    run({{&head_, &a, logits.data(), 0, head_.N}});
+    kernels({{&head_, &a, logits.data(), 0, head_.N}});
     Tensor out = at::empty({1, 1, head_.N}, at::kBFloat16);
     c10::BFloat16* p = out.data_ptr<c10::BFloat16>();
     for (int64_t n = 0; n < head_.N; ++n) p[n] = c10::BFloat16(logits[n]);
@@ -360,6 +414,18 @@ class Decoder : public torch::CustomClassHolder {
   int64_t num_layers() { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  static double seconds_since(Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  }
+
+  // The matrix products of one parallel region, timed.
+  void kernels(const std::vector<Job>& jobs) {
+    const auto start = Clock::now();
+    run(jobs);
+    kernel_s_ += seconds_since(start);
+  }
+
   // Llama RMSNorm in the model's precision: statistics in fp32, normalised value rounded to bf16, times the weight.
   void rms_norm(const float* x, const std::vector<float>& w, float* out) const {
     float ss = 0.f;
@@ -399,68 +465,99 @@ class Decoder : public torch::CustomClassHolder {
         const float* qh = q + hq * D_;
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
-          const uint16_t* kr = kp + (g * cap + first + j) * D_;
-          float s = 0.f;
-          for (int64_t d = 0; d < D_; ++d) s += qh[d] * bf16_to_float(kr[d]);
-          p[j] = s * scale;
+          p[j] = dot_bf16(kp + (g * cap + first + j) * D_, qh, D_) * scale;
           mx = std::max(mx, p[j]);
         }
         float sum = 0.f;
         for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float w = p[j] / sum;
-          const uint16_t* vr = vp + (g * cap + first + j) * D_;
-          for (int64_t d = 0; d < D_; ++d) acc[d] += w * bf16_to_float(vr[d]);
-        }
+        for (int64_t j = 0; j < n; ++j) axpy_bf16(p[j] / sum, vp + (g * cap + first + j) * D_, acc.data(), D_);
         for (int64_t d = 0; d < D_; ++d) out[hq * D_ + d] = round_bf16(acc[d]);
       }
     });
   }
 
-  // Routed experts on h2_ (experts_/weights_ from `route`), in ascending expert id as the model sums them.
-  void moe(const std::vector<Mat>& gu, const std::vector<Mat>& dn) {
-    const int64_t F = gu[0].N / 2;
-    std::vector<int64_t> order(top_k_);
-    for (int64_t i = 0; i < top_k_; ++i) order[i] = i;
+  // Routed experts on h2_ (experts_/weights_ from `route`), summed in ascending expert id as the model sums them.
+  // Neuron-sparse where an expert's live neurons (gate > 0) are at most `sparse_` of them: only their rows of up
+  // are read, and of down where it is stored transposed; dead neurons are exact zeros either way.
+  void moe(const std::vector<Expert>& ex) {
+    const int64_t k = static_cast<int64_t>(ex.size()), F = ex[0].gate.N;
+    std::vector<int64_t> order(k);
+    for (int64_t i = 0; i < k; ++i) order[i] = i;
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return experts_[a] < experts_[b]; });
+    std::vector<const Mat*> in_h;
+    for (const Expert& e : ex) {
+      TORCH_CHECK(e.gate.N == F && e.up.N == F && e.gate.K == H_ && e.up.K == H_ &&
+                      (e.down_t ? (e.down.N == F && e.down.K == H_) : (e.down.N == H_ && e.down.K == F)),
+                  "Decoder: expert matrices must be gate/up [F, H] and down [H, F] (or down^T [F, H])");
+      TORCH_CHECK(!e.down_t || e.down.kind == Mat::kBf16, "Decoder: a transposed down must be bf16");
+      in_h.push_back(&e.gate);
+      in_h.push_back(&e.up);
+    }
     Act ah;
-    std::vector<const Mat*> gum;
-    for (const Mat& m : gu) gum.push_back(&m);
-    ah.set(h2_.data(), H_, wants(gum, Mat::kInt8), wants(gum, Mat::kInt4));
-    std::vector<float> g(top_k_ * 2 * F);
+    ah.set(h2_.data(), H_, wants(in_h, Mat::kInt8), wants(in_h, Mat::kInt4));
+    std::vector<float> g(k * F), u(k * F, 0.f);
     std::vector<Job> jobs;
-    for (int64_t i = 0; i < top_k_; ++i) {
-      TORCH_CHECK(gu[i].N == 2 * F && gu[i].K == H_ && dn[i].N == H_ && dn[i].K == F,
-                  "Decoder: expert matrices must be [2F, H] and [H, F]");
-      jobs.push_back({&gu[i], &ah, g.data() + i * 2 * F, 0, 2 * F});
-    }
-    run(jobs);
-    std::vector<Act> acts(top_k_);
-    std::vector<float> h(F);
-    for (int64_t i = 0; i < top_k_; ++i) {
-      const float* gi = g.data() + i * 2 * F;
-      for (int64_t f = 0; f < F; ++f) h[f] = round_bf16(std::max(gi[f], 0.f) * gi[F + f]);
-      acts[i].set(h.data(), F, dn[i].kind == Mat::kInt8, dn[i].kind == Mat::kInt4);
-    }
-    const int64_t grain = std::max<int64_t>(1, kTaskWeights / std::max<int64_t>(F * top_k_, 1));
-    at::parallel_for(0, H_, grain, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        float o = 0.f;
-        for (int64_t i : order) {
-          const float y = round_bf16(dot(dn[i], j, acts[i]));
-          o = round_bf16(o + round_bf16(y * weights_[i]));
-        }
-        x_[j] = round_bf16(x_[j] + o);
+    for (int64_t i = 0; i < k; ++i) jobs.push_back({&ex[i].gate, &ah, g.data() + i * F, 0, F});
+    kernels(jobs);
+    std::vector<std::vector<int64_t>> live(k);
+    std::vector<char> sparse(k, 0);
+    sparse_u_.assign(k * F, 0.f);
+    jobs.clear();
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t f = 0; f < F; ++f)
+        if (g[i * F + f] > 0.f) live[i].push_back(f);
+      sparse[i] = static_cast<double>(live[i].size()) <= sparse_ * static_cast<double>(F);
+      if (!sparse[i])
+        jobs.push_back({&ex[i].up, &ah, u.data() + i * F, 0, F});
+      else if (!live[i].empty()) {
+        jobs.push_back({&ex[i].up, &ah, sparse_u_.data() + i * F, 0, static_cast<int64_t>(live[i].size()),
+                        live[i].data()});
       }
+    }
+    kernels(jobs);
+    std::vector<Act> acts(k);
+    std::vector<float> h(k * F, 0.f);
+    for (int64_t i = 0; i < k; ++i) {
+      float* hi = h.data() + i * F;
+      if (sparse[i])
+        for (size_t n = 0; n < live[i].size(); ++n) {
+          const int64_t f = live[i][n];
+          hi[f] = round_bf16(sparse_u_[i * F + n] * g[i * F + f]);
+        }
+      else
+        for (int64_t f = 0; f < F; ++f) hi[f] = round_bf16(std::max(g[i * F + f], 0.f) * u[i * F + f]);
+      if (!ex[i].down_t) acts[i].set(hi, F, ex[i].down.kind == Mat::kInt8, ex[i].down.kind == Mat::kInt4);
+    }
+    // Output columns split across threads; a transposed down is accumulated a live row at a time over the
+    // thread's columns (fp32), a plain one is a dot product per column.
+    const auto start = Clock::now();
+    at::parallel_for(0, H_, 64, [&](int64_t b, int64_t e) {
+      std::vector<float> y(e - b), o(e - b, 0.f);
+      for (int64_t i : order) {
+        const Expert& ei = ex[i];
+        if (ei.down_t) {
+          std::fill(y.begin(), y.end(), 0.f);
+          const float* hi = h.data() + i * F;
+          for (int64_t f = 0; f < F; ++f)
+            if (hi[f] != 0.f) axpy_bf16(hi[f], ei.down.bf + f * H_ + b, y.data(), e - b);
+        } else {
+          for (int64_t j = b; j < e; ++j) y[j - b] = dot(ei.down, j, acts[i]);
+        }
+        for (int64_t j = b; j < e; ++j) o[j - b] = round_bf16(o[j - b] + round_bf16(round_bf16(y[j - b]) * weights_[i]));
+      }
+      for (int64_t j = b; j < e; ++j) x_[j] = round_bf16(x_[j] + o[j - b]);
     });
+    kernel_s_ += seconds_since(start);
   }
 
   int64_t H_, heads_, kv_heads_, D_, E_, top_k_;
   bool softmax_;
   float eps_;
   int64_t vocab_ = 0;
-  std::vector<float> inv_freq_, norm_, x_, h2_, weights_;
+  double sparse_ = 0.0, kernel_s_ = 0.0, step_s_ = 0.0;
+  int64_t steps_ = 0;  // live-neuron fraction up to which an expert runs neuron-sparse (0: always dense)
+  std::vector<float> inv_freq_, norm_, x_, h2_, weights_, sparse_u_;
   std::vector<int64_t> experts_;
   const uint16_t* embed_ = nullptr;
   Mat head_;
@@ -485,6 +582,9 @@ SMALLTHINKER_FRAGMENT(KERNEL_NAMESPACE, m) {
       .def("route", &Decoder::route)
       .def("attend", &Decoder::attend)
       .def("moe_with", &Decoder::moe_with)
+      .def("set_sparse_threshold", &Decoder::set_sparse_threshold)
+      .def("timings", &Decoder::timings)
+      .def("reset_timings", &Decoder::reset_timings)
       .def("head", &Decoder::head)
       .def("hidden", &Decoder::hidden)
       .def("num_layers", &Decoder::num_layers);
