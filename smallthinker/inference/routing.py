@@ -127,11 +127,25 @@ def replay_trace(model: nn.Module, trace: Trace) -> Iterator[None]:
         return force
 
     handles = [r.register_forward_hook(hook(i), prepend=True) for i, r in enumerate(routers)]
+    # A model with the native decode step routes inside it: hand it each token's picks before the step.
+    decoder = getattr(model, "native_decoder", None)
+    if decoder is not None:
+        native_step = decoder.step
+
+        def step(token: int, cache) -> torch.Tensor:
+            decoder.impl.force_routing(trace[position["next"] % trace.shape[0]].long())
+            position["next"] += 1
+            return native_step(token, cache)
+
+        decoder.step = step
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        if decoder is not None:
+            del decoder.step  # the class's method again
+            decoder.impl.force_routing(torch.empty(0, dtype=torch.long))
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,36 @@ def test_offloaded_native_step_follows_the_per_op_offload(bf16_checkpoint, fmt, 
     finally:
         fast.offload_engine.close()
         reference.offload_engine.close()
+
+
+def test_a_replayed_routing_trace_drives_the_native_step():
+    """`routing.replay_trace` forces the trace's experts in the native step as in the per-op model."""
+    from smallthinker.inference.routing import replay_trace, synthetic_trace
+
+    base = tiny("tiny-4b-style")
+    config = base.config
+    trace = synthetic_trace(
+        40,
+        config.num_hidden_layers,
+        config.moe_num_primary_experts,
+        config.moe_num_active_primary_experts,
+        1.0,
+        0.3,
+    )
+    fast = quantize_model(copy.deepcopy(base), "int8")
+    reference = quantize_model(copy.deepcopy(base), "int8", native_decode=False)
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    prompt = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        with replay_trace(fast, trace):
+            got = fast.generate(prompt, **kwargs)
+        with replay_trace(reference, trace):
+            want = reference.generate(prompt, **kwargs)
+        free = fast.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert_close(a, b)
+    assert not torch.equal(
+        torch.stack(got.logits), torch.stack(free.logits)
+    )  # the trace did change the routing
+    assert "step" not in vars(fast.native_decoder)  # the context restored the decoder

@@ -293,6 +293,13 @@ class Decoder : public torch::CustomClassHolder {
     ax.set(x_.data(), H_, false, false);
     std::vector<float> logits(E_);
     kernels({{&L.router, &ax, logits.data(), 0, E_}});
+    if (forced_.defined() && forced_.numel() > 0) {
+      // A replayed routing trace: its experts lifted above every real logit, in its order (as
+      // routing.replay_trace's router hook does to the model's logits, bf16 arithmetic included).
+      const int64_t* p = forced_.data_ptr<int64_t>() + l * top_k_;
+      const float base = round_bf16(*std::max_element(logits.begin(), logits.end()) + 1.f);
+      for (int64_t i = 0; i < top_k_; ++i) logits[p[i]] = round_bf16(base + static_cast<float>(top_k_ - i));
+    }
     // Top-k of the bf16 logits, then the weights in the precision the model computes them: sigmoid in bf16
     // renormalised to sum 1, or softmax in fp32, cast to bf16. Where the k-th and the next logit are equal (bf16
     // ties are not rare), torch.topk itself decides, so that the experts are the model's own choice.
@@ -386,6 +393,18 @@ class Decoder : public torch::CustomClassHolder {
   // its matrix products (attention, norms, routing, the call itself) is the difference.
   std::vector<double> timings() { return {kernel_s_, step_s_, static_cast<double>(steps_)}; }
   void reset_timings() { kernel_s_ = step_s_ = 0.0, steps_ = 0; }
+
+  // Experts every layer must pick from now on, int64 [layers, k] (a routing trace replayed); empty: the router's.
+  void force_routing(Tensor picks) {
+    TORCH_CHECK(picks.numel() == 0 || (picks.scalar_type() == at::kLong && picks.dim() == 2 &&
+                                       picks.size(0) == num_layers() && picks.size(1) == top_k_),
+                "Decoder.force_routing: picks must be int64 [layers, k] or empty");
+    forced_ = picks.contiguous();
+    if (forced_.numel())
+      for (int64_t i = 0; i < forced_.numel(); ++i)
+        TORCH_CHECK(forced_.data_ptr<int64_t>()[i] >= 0 && forced_.data_ptr<int64_t>()[i] < E_,
+                    "Decoder.force_routing: expert out of range");
+  }
 
   // Live-neuron fraction up to which experts run neuron-sparse (0, the default: always dense).
   void set_sparse_threshold(double t) { sparse_ = t; }
@@ -563,6 +582,7 @@ class Decoder : public torch::CustomClassHolder {
   Mat head_;
   std::vector<Layer> layers_;
   std::vector<Tensor> keep_, k_cache_, v_cache_;
+  Tensor forced_;
 };
 
 }  // namespace
@@ -583,6 +603,7 @@ SMALLTHINKER_FRAGMENT(KERNEL_NAMESPACE, m) {
       .def("attend", &Decoder::attend)
       .def("moe_with", &Decoder::moe_with)
       .def("set_sparse_threshold", &Decoder::set_sparse_threshold)
+      .def("force_routing", &Decoder::force_routing)
       .def("timings", &Decoder::timings)
       .def("reset_timings", &Decoder::reset_timings)
       .def("head", &Decoder::head)
