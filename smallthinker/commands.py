@@ -330,8 +330,8 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
         "--weight-format",
         choices=["bf16", "int8", "int4"],
         default=None,
-        help="experts, attention and LM head in this format, computed in bf16 (with --offload: the store's "
-        "expert format); default: the weights as stored",
+        help="experts, attention and LM head in this format, computed in bf16, each new token in one native "
+        "step (with --offload: the store's expert format); default: the weights as stored",
     )
     offload = parser.add_argument_group("offloading (experts on disk, --model is an expert store)")
     offload.add_argument("--offload", action="store_true", help="run from an expert store under a memory cap")

@@ -44,14 +44,31 @@ class NativeKVLayer(CacheLayerMixin):
         self._allocate(capacity)
         self.is_initialized = True
 
+    # `keys` / `values`: views of the filled positions, made when read (the per-op path reads them; a native step
+    # only moves `length`, and slicing 2 x 32 tensors every token would cost a third of a millisecond).
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.buffer_keys[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        pass  # the buffers are the storage (the base class assigns None at construction)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.buffer_values[:, :, : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        pass
+
     def _allocate(self, capacity: int) -> None:
         shape = (1, self.kv_heads, capacity, self.head_dim)
         keys, values = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
         if self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
         self.buffer_keys, self.buffer_values = keys, values
-        self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
 
     @property
     def capacity(self) -> int:
@@ -85,8 +102,6 @@ class NativeKVLayer(CacheLayerMixin):
     def advance(self, length: int) -> None:
         """Positions [0, length) are filled (the native step wrote the last one in place)."""
         self.length = length
-        self.keys = self.buffer_keys[:, :, :length]
-        self.values = self.buffer_values[:, :, :length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -232,8 +247,11 @@ class NativeDecoder:
     def step(self, token: int, cache: NativeKVCache) -> torch.Tensor:
         """Logits [1, 1, V] (bf16) of `token` at the next position of `cache`, whose K/V it appends."""
         pos = cache.get_seq_length()
-        moved = [layer.reserve(pos + 1) for layer in cache.layers]
-        if any(moved) or cache._bound is not self:
+        if pos + 1 > cache.layers[0].capacity:  # every layer has the same capacity
+            for layer in cache.layers:
+                layer.reserve(pos + 1)
+            cache._bound = None
+        if cache._bound is not self:
             self.bind(cache)
         if self.layer_step is None:
             logits = self.impl.step(int(token), pos)
@@ -243,7 +261,7 @@ class NativeDecoder:
                 self.layer_step(self.impl, layer, pos)
             logits = self.impl.head()
         for layer in cache.layers:
-            layer.advance(pos + 1)
+            layer.length = pos + 1
         return logits
 
 
