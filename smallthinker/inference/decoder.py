@@ -15,6 +15,7 @@ path's up to fp32 summation order (tests/inference/test_decoder.py).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -296,43 +297,27 @@ class NativeDecodeForCausalLM(SmallThinkerForCausalLM):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> SmallThinkerCausalLMOutput:
-        # The parent's full signature: `generate` reads it to decide what to pass (`logits_to_keep` among them).
-        if "past_key_values" in kwargs and cache is None:
+        if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        if (
-            inputs_embeds is None
-            and labels is None
-            and not output_router_logits
-            and self._native_step_applies(input_ids, attention_mask, position_ids, cache, kwargs)
-        ):
+        if self._native_step_applies(input_ids, attention_mask, position_ids, cache, kwargs):
             logits = self.native_decoder.step(int(input_ids.reshape(-1)[0]), cache)
             return SmallThinkerCausalLMOutput(logits=logits, cache=cache)
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        return super().forward(input_ids, attention_mask, position_ids, cache, **kwargs)
+
+    # `generate` reads the signature to decide what to pass (`logits_to_keep` among it): the parent's, unchanged.
+    forward.__signature__ = inspect.signature(SmallThinkerForCausalLM.forward)
 
     def _native_step_applies(self, input_ids, attention_mask, position_ids, cache, kwargs) -> bool:
         if not isinstance(cache, NativeKVCache) or input_ids is None or input_ids.numel() != 1:
             return False
         if self.training or torch.is_grad_enabled():  # the native step has no backward
             return False
-        if any(kwargs.get(k) for k in ("output_hidden_states", "output_attentions")):
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("labels") is not None:
+            return False
+        wanted = ("output_router_logits", "output_hidden_states", "output_attentions")
+        if any(kwargs.get(k) for k in wanted):
             return False
         if self.config.output_router_logits:
             return False

@@ -48,3 +48,13 @@ def tiny(tmp_path_factory):
         store_int8 = convert_checkpoint(ckpt, root / "store-int8", quant="int8")
         built[preset] = (model, ckpt, store, store_int8)
     return built
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(tmp_path_factory):
+    """(root dir, a bf16 tiny-21b-style checkpoint in it): what the weight formats and stores are made from."""
+    root = tmp_path_factory.mktemp("bf16")
+    model, _ = build_checkpoint("tiny-21b-style", root)
+    ckpt = root / "ckpt-bf16"
+    model.to(torch.bfloat16).save_pretrained(ckpt)
+    return root, ckpt

@@ -139,17 +139,6 @@ def test_bad_input_is_a_clear_error():
         cache.layers[0].update(torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32))
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(tmp_path_factory):
-    from tests.inference.conftest import build_checkpoint
-
-    root = tmp_path_factory.mktemp("native-offload")
-    model, _ = build_checkpoint("tiny-21b-style", root)
-    ckpt = root / "ckpt-bf16"
-    model.to(torch.bfloat16).save_pretrained(ckpt)
-    return root, ckpt
-
-
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_offloaded_native_step_follows_the_per_op_offload(bf16_checkpoint, fmt, sparse):
@@ -160,7 +149,7 @@ def test_offloaded_native_step_follows_the_per_op_offload(bf16_checkpoint, fmt, 
     from smallthinker.inference.store import ExpertStore, convert_checkpoint
 
     root, ckpt = bf16_checkpoint
-    store = root / f"store-{fmt}"
+    store = root / f"native-store-{fmt}"
     if not store.exists():
         convert_checkpoint(ckpt, store, quant="none" if fmt == "bf16" else fmt)
     record = ExpertStore(store, direct=False).record_bytes

@@ -12,18 +12,8 @@ from smallthinker.inference import load_offloaded
 from smallthinker.inference.formats import FORMATS, quantize_model
 from smallthinker.inference.store import MANIFEST, ExpertStore, StoreError, convert_checkpoint
 from smallthinker.modeling import SmallThinkerForCausalLM
-from tests.inference.conftest import build_checkpoint
 
 PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35]])
-
-
-@pytest.fixture(scope="module")
-def bf16_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("formats")
-    model, _ = build_checkpoint("tiny-21b-style", root)
-    ckpt = root / "ckpt-bf16"
-    model.to(torch.bfloat16).save_pretrained(ckpt)
-    return root, ckpt
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
