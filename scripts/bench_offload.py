@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         "--trace-from", default=None, help="trained checkpoint: fit skew and reuse to its routing"
     )
     parser.add_argument("--uniform-routing", action="store_true", help="the random weights' own routing")
+    parser.add_argument(
+        "--case", default=None, help="--only offload: run only the cases whose name contains this"
+    )
     parser.add_argument("--plot", default="offload_curve.png", help="where --only curve writes its PNG")
     parser.add_argument(
         "--threads",
@@ -410,10 +413,14 @@ def main(argv: list[str] | None = None) -> None:
             ("offload 25%, prefetch, dense experts", store_dir, b25, {"sparse": False}),
             ("offload 25%, prefetch, always neuron-sparse", store_dir, b25, {"sparse_threshold": 1.0}),
             ("offload 25% budget, int8 store", int8_dir, b25, {}),
+            ("offload 25% budget, int4 store", workdir / "store-int4", b25, {}),
         ]
         if not args.memory_budget:
             cases.insert(1, ("offload 50%, prefetch, sparse", store_dir, budget(0.5), {}))
+        cases = [c for c in cases if args.case is None or args.case in c[0]]
         for name, path, b, kw in cases:
+            if name.endswith("int4 store"):
+                ensure_store(ckpt, path, "int4")
             name = f"{name} [{b / 1e9:.2f} GB]"
             rows.append(run_offloaded(name, path, b, args.tokens, args.verbose, machine, trace, **kw))
             print(rows[-1], flush=True)
