@@ -502,7 +502,12 @@ def sparsity_rows(args: argparse.Namespace, workdir: Path) -> list[dict]:
         measured = {}
         for mode, kwargs in (("dense", {"sparse": False}), ("sparse", {"sparse_threshold": 1.0})):
             model = load_offloaded(
-                store, memory_budget="100GB", max_context=MAX_CONTEXT, overhead=OVERHEAD, **kwargs
+                store,
+                memory_budget="100GB",
+                max_context=MAX_CONTEXT,
+                overhead=OVERHEAD,
+                weight_format="bf16" if quant == "none" else quant,  # as chat runs it: the native step
+                **kwargs,
             )
             engine = model.offload_engine
             measured[f"tok_s_{mode}"] = decode_tokens_per_s(
