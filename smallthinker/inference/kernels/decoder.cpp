@@ -109,8 +109,10 @@ struct Act {
 
   void set(const float* x, int64_t K, bool int8, bool int4) {
     f.assign(x, x + K);
+#if defined(__AVX512BF16__)  // only the native bf16 dot product reads them
     b.resize(K);
     for (int64_t k = 0; k < K; ++k) b[k] = c10::BFloat16(x[k]).x;
+#endif
     if (int8) i8 = prepare_int8(x, K);
     if (int4) i4 = prepare_int4(x, K);
   }
