@@ -159,15 +159,6 @@ def native_decode_supported(model: SmallThinkerForCausalLM) -> bool:
     return isinstance(head, QuantizedMatrix) and head.path == "native"
 
 
-def _matrix_tensors(m) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, aux) of a native-path QuantizedMatrix as the decoder takes them."""
-    if m.fmt == "bf16":
-        return m.weight, torch.empty(0)
-    if m.fmt == "int8":
-        return m.qweight, m.scale
-    return m.qweight, m.scales_zeros
-
-
 # An offloaded model's per-layer step: (decoder class instance, layer, position) -> None; it routes, brings the
 # experts in, and runs attention and the experts (`engine.OffloadEngine.native_layer`).
 LayerStep = Callable[[object, int, int], None]
@@ -205,7 +196,7 @@ class NativeDecoder:
             config.moe_num_active_primary_experts,
             int(bool(config.moe_primary_router_apply_softmax)),
         ]
-        head_w, head_aux = _matrix_tensors(model.lm_head)
+        head_w, head_aux = model.lm_head.kernel_tensors()
         self.impl = getattr(torch.classes, namespace).Decoder(
             ints,
             float(config.rms_norm_eps),
@@ -225,7 +216,7 @@ class NativeDecoder:
                 moe.primary_router.weight,
             ]
             for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                tensors += _matrix_tensors(m)
+                tensors += m.kernel_tensors()
             if isinstance(moe.experts, QuantizedExperts):
                 tensors += list(moe.experts.fused)
             else:  # offloaded: the engine hands the experts over per step

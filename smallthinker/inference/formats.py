@@ -274,6 +274,12 @@ class QuantizedMatrix(nn.Module):
             return int4_linear(eye, self.qweight, self.scales_zeros, self.group_size).t()
         return dequantize_int4(self.qweight, self.scales_zeros)
 
+    def kernel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, aux) as the native kernels take them: aux is the int8 scales, the int4 scales-and-zeros, or an
+        empty tensor for bf16."""
+        names = _BUFFERS[self.fmt]
+        return getattr(self, names[0]), getattr(self, names[1]) if len(names) > 1 else torch.empty(0)
+
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 

@@ -39,10 +39,8 @@ struct Mat {
   const c10::BFloat16* sz = nullptr;  // int4 [N, K / 32, 2]
 };
 
-// `w` (and `aux`: int8 scales or int4 scales-and-zeros) -> Mat; `e` >= 0 picks expert e of an [E, ...] stack.
-Mat make_mat(const Tensor& w, const Tensor& aux, int64_t e, const char* what) {
-  Tensor m = e >= 0 ? w.select(0, e) : w;
-  Tensor a = (e >= 0 && aux.defined() && aux.numel() > 0) ? aux.select(0, e) : aux;
+// `m` (and `aux`: int8 scales or int4 scales-and-zeros, empty for bf16) -> Mat.
+Mat make_mat(const Tensor& m, const Tensor& a, const char* what) {
   TORCH_CHECK(m.dim() == 2 && m.is_contiguous(), "Decoder: ", what, " must be a contiguous matrix, got ", m.sizes());
   Mat r;
   r.N = m.size(0);
@@ -201,7 +199,7 @@ class Decoder : public torch::CustomClassHolder {
     embed_ = reinterpret_cast<const uint16_t*>(embed.data_ptr<c10::BFloat16>());
     vocab_ = embed.size(0);
     norm_ = to_float(norm);
-    head_ = make_mat(head, head_aux, -1, "lm_head");
+    head_ = make_mat(head, head_aux, "lm_head");
     TORCH_CHECK(head_.K == H_, "Decoder: lm_head must be [V, H]");
     x_.assign(H_, 0.f);
   }
@@ -214,12 +212,12 @@ class Decoder : public torch::CustomClassHolder {
     Layer l;
     l.in_norm = to_float(t[0]);
     l.post_norm = to_float(t[1]);
-    l.router = make_mat(t[2], Tensor(), -1, "router");
+    l.router = make_mat(t[2], Tensor(), "router");
     TORCH_CHECK(l.router.kind == Mat::kBf16 && l.router.N == E_ && l.router.K == H_, "Decoder: router must be [E, H] bf16");
-    l.q = make_mat(t[3], t[4], -1, "q_proj");
-    l.k = make_mat(t[5], t[6], -1, "k_proj");
-    l.v = make_mat(t[7], t[8], -1, "v_proj");
-    l.o = make_mat(t[9], t[10], -1, "o_proj");
+    l.q = make_mat(t[3], t[4], "q_proj");
+    l.k = make_mat(t[5], t[6], "k_proj");
+    l.v = make_mat(t[7], t[8], "v_proj");
+    l.o = make_mat(t[9], t[10], "o_proj");
     TORCH_CHECK(l.q.N == heads_ * D_ && l.k.N == kv_heads_ * D_ && l.v.N == kv_heads_ * D_ && l.q.K == H_ &&
                     l.o.N == H_ && l.o.K == heads_ * D_,
                 "Decoder: attention projections do not match the model's shapes");
@@ -227,8 +225,8 @@ class Decoder : public torch::CustomClassHolder {
       TORCH_CHECK(t[11].dim() == 3 && t[13].dim() == 3 && t[11].size(0) == E_ && t[13].size(0) == E_,
                   "Decoder: expert stacks must be [E, 2F, ..] and [E, H, ..]");
       auto flat = [](const Tensor& x) { return x.numel() ? x.flatten(0, 1) : x; };
-      l.gate_up = make_mat(flat(t[11]), flat(t[12]), -1, "gate_up");
-      l.down = make_mat(flat(t[13]), flat(t[14]), -1, "down");
+      l.gate_up = make_mat(flat(t[11]), flat(t[12]), "gate_up");
+      l.down = make_mat(flat(t[13]), flat(t[14]), "down");
       l.resident = true;
     }
     l.rope = rope != 0;
@@ -383,9 +381,9 @@ class Decoder : public torch::CustomClassHolder {
                 "Decoder.moe_with: six tensors (gate, aux, up, aux, down, aux) per routed expert");
     std::vector<Expert> ex(top_k_);
     for (int64_t i = 0; i < top_k_; ++i) {
-      ex[i].gate = make_mat(t[6 * i], t[6 * i + 1], -1, "gate");
-      ex[i].up = make_mat(t[6 * i + 2], t[6 * i + 3], -1, "up");
-      ex[i].down = make_mat(t[6 * i + 4], t[6 * i + 5], -1, "down");
+      ex[i].gate = make_mat(t[6 * i], t[6 * i + 1], "gate");
+      ex[i].up = make_mat(t[6 * i + 2], t[6 * i + 3], "up");
+      ex[i].down = make_mat(t[6 * i + 4], t[6 * i + 5], "down");
       ex[i].down_t = down_t;
     }
     moe(ex);
