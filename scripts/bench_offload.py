@@ -370,8 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
+    print(
+        f"ISA: {isa_flags()}; kernels: {native.describe()}; load average {os.getloadavg()[0]:.2f}", flush=True
+    )
     if args.only == "sparsity":
-        print(f"ISA: {isa_flags()}; kernels: {native.describe()}; load average {os.getloadavg()[0]:.2f}")
         sparsity_rows(args, workdir)
         return
     ckpt = write_random_checkpoint(workdir / "checkpoint", args.preset)
